@@ -1,0 +1,66 @@
+"""EasyEdit integration: switch PRUNE (and the guard and telemetry) on from an ordinary hparams YAML.
+
+    import prune_plugin.easyedit as pe
+    pe.activate()                                   # or automatic on `import easyeditor` after pip install
+    hparams = ROMEHyperParams.from_hparams("rome.yaml")   # the YAML may now carry prune: true, prune_alpha: ...
+    editor = BaseEditor.from_hparams(hparams)
+    editor.edit(..., sequential_edit=True)          # current EasyEdit; keep_original_weight=False in 0.0.1.dev0
+    pe.session_of(editor).restore()                 # W0 back, bit for bit
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+from ..session import EditSession, extra_config_keys, make_plugin_manager
+from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
+from .hparams import patch_hparams_classes, prune_config_of
+
+__all__ = [
+    "activate", "deactivate", "autoactivate", "is_active", "session_of", "NOT_IN_PLACE", "PruneNotApplicableError",
+    "prune_config_of", "target_parameters",
+]
+
+LOG = logging.getLogger("prune_plugin")
+_undo: list[tuple[type, str, Any]] = []
+
+
+def activate(easyeditor: Any = None) -> None:
+    """Patch the imported EasyEdit (either generation) so that prune_* hparams keys work; idempotent.
+
+    `easyeditor` is the package module (imported here if not given).
+    """
+    from .editor import patch_editor_class
+
+    if easyeditor is None:
+        easyeditor = importlib.import_module("easyeditor")
+    hparams_base = importlib.import_module(easyeditor.__name__ + ".util.hparams").HyperParams
+    editor_cls = importlib.import_module(easyeditor.__name__ + ".editors.editor").BaseEditor
+    extra = extra_config_keys(make_plugin_manager())
+    patch_hparams_classes(hparams_base, extra, _undo)
+    patch_editor_class(editor_cls, _undo)
+
+
+def deactivate() -> None:
+    """Undo every patch (editors already built keep their session)."""
+    while _undo:
+        cls, name, original = _undo.pop()
+        setattr(cls, name, original)
+
+
+def is_active() -> bool:
+    return bool(_undo)
+
+
+def autoactivate(easyeditor: Any = None) -> None:
+    """Called by the start-up hook right after `import easyeditor`; PRUNE_PLUGIN_AUTOLOAD=0 switches it off."""
+    if os.environ.get("PRUNE_PLUGIN_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    activate(easyeditor)
+
+
+def session_of(editor: Any) -> EditSession | None:
+    """The plugin's session of an EasyEdit editor (None when its hparams did not switch the plugin on)."""
+    return getattr(editor, "_prune_session", None)

@@ -1,0 +1,150 @@
+"""Hook the plugin into EasyEdit's BaseEditor: wrap ``apply_algo`` so every edit runs the post-edit hooks.
+
+Data flow: YAML -> XHyperParams (with prune_config) -> BaseEditor.__init__ -> wrapped apply_algo -> EditSession
+hooks (restraint, guard, telemetry) -> weights. The outermost edit()/batch_edit() call ends the sequence, which is
+where the 'final' restraint runs. Works for the packaged 0.0.1.dev0 and the current EasyEdit alike: both keep
+the method in ``self.apply_algo`` and call it as ``apply_algo(model, tok, [requests], hparams, ...)``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable
+
+import torch
+
+from ..config import PruneConfig
+from ..session import EditSession
+from .hparams import prune_config_of
+
+LOG = logging.getLogger("prune_plugin")
+
+#: Methods that keep their edit outside the edited weight matrices (adapters, codebooks, memories, prompts):
+#: there is no accumulated dW of a weight matrix for PRUNE to restrain.
+NOT_IN_PLACE = {
+    "LoRA": "adapter weights (peft)", "QLoRA": "adapter weights (peft)", "MELO": "LoRA blocks in a vector database",
+    "GRACE": "a codebook adaptor", "WISE": "a side memory", "SERAC": "a separate counterfactual model",
+    "SERAC_MULTI": "a separate counterfactual model", "IKE": "in-context demonstrations", "ICE": "in-context learning",
+    "MEND": "a hypernetwork applied on a copy", "KN": "a patch function over neurons", "DEFER": "a deferral model",
+    "FT-Api": "a remote API", "DeepEdit-Api": "a remote API", "DPO": "adapter weights (peft)",
+    "ULTRAEDIT": "a lifelong editor with its own state",
+}
+
+_EDIT_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "normal_edit", "generate_edit")
+
+
+class PruneNotApplicableError(ValueError):
+    """The configured editing method does not change weight matrices in place, so PRUNE cannot restrain it."""
+
+
+def target_parameters(model: torch.nn.Module, hparams: Any, config: PruneConfig) -> list[str]:
+    """Parameters the method edits: `prune_targets` if given, else every parameter of the modules named by the
+    method's own ``rewrite_module_tmp(s)`` at its ``layers`` (as ROME, MEMIT, FT, EMMET, AlphaEdit, R-ROME do)."""
+    names = [n for n, _ in model.named_parameters()]
+    if config.prune_targets:
+        missing = [t for t in config.prune_targets if t not in names]
+        if missing:
+            raise KeyError(f"prune_targets: {type(model).__name__} has no parameter {missing[0]!r}")
+        return list(config.prune_targets)
+    templates = getattr(hparams, "rewrite_module_tmps", None) or [getattr(hparams, "rewrite_module_tmp", None)]
+    layers = getattr(hparams, "layers", None)
+    if not all(isinstance(t, str) for t in templates) or not layers:
+        raise PruneNotApplicableError(
+            f"{hparams.alg_name}: cannot tell which weights the method edits (no rewrite_module_tmp/layers in its "
+            "hparams); name them with prune_targets: [parameter names]")
+    prefixes = tuple(t.format(layer) + "." for t in templates for layer in layers)
+    found = [n for n in names if n.startswith(prefixes)]
+    if not found:
+        raise KeyError(f"{hparams.alg_name}: no parameter of {type(model).__name__} matches {sorted(set(prefixes))}")
+    return found
+
+
+def check_applicable(alg_name: str) -> None:
+    if alg_name in NOT_IN_PLACE:
+        raise PruneNotApplicableError(
+            f"PRUNE does not apply to {alg_name}: it keeps its edits in {NOT_IN_PLACE[alg_name]}, not in the model's "
+            "weight matrices, so there is no accumulated dW = W - W0 to restrain. Remove the prune_* keys, or use a "
+            "method that edits weights in place (ROME, MEMIT, FT, EMMET, AlphaEdit, R-ROME).")
+
+
+def attach_session(editor: Any) -> EditSession | None:
+    """Create the editor's session and wrap its apply_algo, if its hparams switch the plugin on."""
+    config = prune_config_of(editor.hparams)
+    if config is None or not config.active:
+        return None
+    check_applicable(editor.alg_name)
+    session = EditSession(editor.model, config, target_parameters(editor.model, editor.hparams, config),
+                          tokenizer=getattr(editor, "tok", None))
+    editor._prune_session = session
+    editor.apply_algo = wrap_apply_algo(editor.apply_algo, session)
+    LOG.info("prune-plugin: %s on %d parameter(s) (%s)", editor.alg_name, len(session.targets),
+             ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, False, "off")))
+    return session
+
+
+def wrap_apply_algo(apply_algo: Callable[..., Any], session: EditSession) -> Callable[..., Any]:
+    @functools.wraps(apply_algo)
+    def apply_with_hooks(model: torch.nn.Module, tok: Any, requests: Any, hparams: Any, *args: Any, **kwargs: Any):
+        if session.stopped:
+            LOG.warning("prune-plugin: the collapse guard stopped the sequence; request not applied: %s",
+                        _describe(requests))
+            return model, {}
+        if model is not session.model:
+            raise RuntimeError("prune-plugin: the editor's model object changed; PRUNE needs edits made in place")
+        session.before_edit()
+        edited_model, weights_copy = apply_algo(model, tok, requests, hparams, *args, **kwargs)
+        if edited_model is not session.model:
+            raise RuntimeError(f"prune-plugin: {hparams.alg_name} returned a new model object (copy=True?); "
+                               "PRUNE needs edits made in place")
+        request = requests[0] if isinstance(requests, list) and len(requests) == 1 else {"requests": requests}
+        step = session.after_edit(request)
+        if step.stop:
+            session.stopped = True
+        return edited_model, weights_copy
+
+    apply_with_hooks.__prune_session__ = session  # type: ignore[attr-defined]
+    return apply_with_hooks
+
+
+def _describe(requests: Any) -> str:
+    first = requests[0] if isinstance(requests, list) and requests else requests
+    return repr(first.get("prompt")) if isinstance(first, dict) else repr(first)
+
+
+def patch_editor_class(editor_cls: type, undo: list) -> None:
+    """Wrap BaseEditor.__init__ (to attach the session) and its edit entry points (to end the sequence)."""
+    init = editor_cls.__dict__["__init__"]
+    if getattr(init, "__prune_plugin_patched__", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        attach_session(self)
+
+    __init__.__prune_plugin_patched__ = True  # type: ignore[attr-defined]
+    undo.append((editor_cls, "__init__", init))
+    editor_cls.__init__ = __init__
+    for name in _EDIT_ENTRY_POINTS:
+        method = editor_cls.__dict__.get(name)
+        if method is not None:
+            undo.append((editor_cls, name, method))
+            setattr(editor_cls, name, _ends_sequence(method))
+
+
+def _ends_sequence(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        session: EditSession | None = getattr(self, "_prune_session", None)
+        if session is None:
+            return method(self, *args, **kwargs)
+        session.depth += 1
+        try:
+            result = method(self, *args, **kwargs)
+        finally:
+            session.depth -= 1
+        if session.depth == 0:
+            session.end()
+        return result
+
+    return run

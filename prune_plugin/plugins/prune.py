@@ -1,0 +1,84 @@
+"""PRUNE as a hook implementation: restrain each edited matrix after every edit ('online') or once at the end
+('final', as the official code does)."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+
+from ..hookspecs import hookimpl
+from ..originals import get_parameter
+from ..restraint import restrain_delta
+from ..spectrum import condition_number
+
+if TYPE_CHECKING:
+    from ..session import EditSession, EditStep, MatrixFigures
+
+LOG = logging.getLogger("prune_plugin")
+
+
+class PruneEnlargeWarning(UserWarning):
+    """F would have enlarged singular values (smax(W0) < 1/ln a); the never-enlarge guard kept them."""
+
+
+def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bool = True) -> dict[str, "MatrixFigures"]:
+    """Restrain dW = W - W0 of each named 2-D parameter (write=False only measures what PRUNE would do)."""
+    from ..session import MatrixFigures
+
+    cfg = session.config
+    figures: dict[str, MatrixFigures] = {}
+    for name in names:
+        param = get_parameter(session.model, name)
+        if param.ndim != 2:
+            continue  # biases and norms: no spectrum to restrain
+        t0 = time.perf_counter()
+        original = session.originals[name].to(param.device)
+        with torch.no_grad():
+            delta = param.detach().to(torch.float64) - original.to(torch.float64)
+            if not torch.isfinite(delta).all():
+                raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was restrained")
+            smax0 = session.smax.get(name, original)
+            scale = max(float(original.abs().max()), float(param.detach().abs().max()))
+            cond_before = condition_number(param) if session.wants_condition else None
+            new_delta, result = restrain_delta(
+                delta, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
+                storage_dtype=param.dtype, scale=scale, rank_hint=session.rank_hints.get(name, 0),
+            )
+            session.rank_hints[name] = result.rank
+            wrote = write and new_delta is not None
+            if wrote:
+                param.copy_((original.to(torch.float64) + new_delta).to(param.dtype))
+            cond_after = (condition_number(param) if wrote else cond_before) if session.wants_condition else None
+        if result.n_guarded and write:
+            warnings.warn(
+                f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "
+                "kept them unchanged (prune_never_enlarge: false reproduces the official formula)",
+                PruneEnlargeWarning, stacklevel=2,
+            )
+        figures[name] = MatrixFigures(
+            name=name, smax_original=smax0, smax_delta=result.smax_delta, delta_fro=result.delta_fro,
+            rank=result.rank, n_restrained=result.n_restrained, n_guarded=result.n_guarded, restrained=wrote,
+            cond_before=cond_before, cond_after=cond_after, path=result.path, seconds=time.perf_counter() - t0,
+        )
+        if wrote:
+            LOG.info("PRUNE %s: %d of %d singular values restrained (smax(dW) %.4g -> %.4g, smax(W0) %.4g)",
+                     name, result.n_restrained, result.rank, result.smax_delta, float(result.restrained_values.max()), smax0)
+    return figures
+
+
+class PruneRestraint:
+    """The built-in restraint; registered by a session whose config says ``prune: true``."""
+
+    @hookimpl(tryfirst=True)
+    def prune_after_edit(self, session: "EditSession", step: "EditStep") -> None:
+        if session.config.prune_mode == "online" and step.edited:
+            with session.timed(step, "restraint"):
+                step.figures.update(restrain_matrices(session, step.edited))
+
+    @hookimpl(tryfirst=True)
+    def prune_edit_end(self, session: "EditSession") -> None:
+        if session.config.prune_mode == "final":
+            session.restrain_now()

@@ -1,0 +1,206 @@
+"""PRUNE's restraint F and its application to the accumulated edit dW = W - W0. Pure torch.
+
+Official semantics (arXiv 2405.16821 and its released code): take the SVD dW = U S V^T, truncate it to the
+numerical rank of dW, replace every singular value s >= smax(W0) by
+
+    F(s) = log_a(s) - log_a(smax(W0)) + smax(W0)        (or (s + smax(W0)) / 2 for the 'linear' variant)
+
+and recompose W = W0 + U_r F(S_r) V_r^T.
+
+Fast path: dW of sequential editing is low rank (ROME adds rank one per edit), so a randomized range finder
+recovers its exact SVD from a thin sketch. The sketch is accepted only with a certificate that the part it
+missed lies below the rank tolerance (so the official truncation would drop it too); otherwise the sketch
+grows, and past half the smaller dimension a dense float64 SVD is used. Everything runs in float64 on the
+matrix's own device and is written back in the parameter's dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+
+Alpha = Union[float, Literal["linear"]]
+
+#: The bases the official code ships, by the names its configs use.
+OFFICIAL_BASES: dict[str, float] = {"e": math.e, "2": 2.0, "1.5": 1.5, "1.2": 1.2}
+
+_OVERSAMPLE = 8
+_POWER_ESTIMATE_STEPS = 8
+
+
+def parse_alpha(value: object) -> Alpha:
+    """Accept a > 1 as a number or string ('e', '2', '1.2'), or 'linear'; raise ValueError otherwise."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "linear":
+            return "linear"
+        if text in OFFICIAL_BASES:
+            return OFFICIAL_BASES[text]
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"must be a log base > 1, 'e', or 'linear', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a log base > 1, 'e', or 'linear', got {value!r}")
+    if not math.isfinite(value) or value <= 1:
+        raise ValueError(f"must be a log base > 1 (F is only a restraint for a > 1), got {value!r}")
+    return float(value)
+
+
+def restrain_values(
+    s: torch.Tensor, smax_original: float, alpha: Alpha, never_enlarge: bool = True
+) -> tuple[torch.Tensor, int, int]:
+    """Apply F to the singular values s of dW.
+
+    Returns (new values, how many were >= smax(W0), how many the never-enlarge guard capped). F enlarges a
+    value when smax(W0) < 1/ln(a) (e.g. a = 1.2 and smax < 5.48); with never_enlarge the result is min(s, F(s)),
+    without it the official formula is reproduced exactly.
+    """
+    over = s >= smax_original
+    if alpha == "linear":
+        f = 0.5 * s + 0.5 * smax_original
+    else:
+        log_a = math.log(alpha)
+        # torch.where evaluates both branches: clamp keeps log() finite for the values F does not touch.
+        f = (torch.log(s.clamp_min(smax_original)) - math.log(smax_original)) / log_a + smax_original
+    out = torch.where(over, f, s)
+    n_guarded = 0
+    if never_enlarge:
+        enlarged = over & (out > s)
+        n_guarded = int(enlarged.sum())
+        out = torch.where(enlarged, s, out)
+    return out, int(over.sum()), n_guarded
+
+
+def rank_tolerance(s0: float, shape: tuple[int, int], storage_dtype: torch.dtype, scale: float) -> float:
+    """Singular values of dW at or below this are noise, dropped as the official code drops them.
+
+    numpy's matrix_rank default on the float32 delta the official code builds (s0 * max(m, n) * eps32), raised to
+    the rounding floor of the storage dtype (eps * largest |entry| * (sqrt(m) + sqrt(n))) so that bf16/fp16
+    rounding of W is not mistaken for edit directions.
+    """
+    m, n = shape
+    eps32 = torch.finfo(torch.float32).eps
+    floor = torch.finfo(storage_dtype).eps * scale * (math.sqrt(m) + math.sqrt(n)) if storage_dtype.is_floating_point else 0.0
+    return max(s0 * max(m, n) * eps32, floor)
+
+
+@dataclass
+class Restraint:
+    """Outcome of restraining one matrix: the figures telemetry reports, and how they were obtained."""
+
+    smax_original: float
+    smax_delta: float
+    delta_fro: float
+    rank: int
+    n_restrained: int
+    n_guarded: int
+    path: Literal["zero", "lowrank", "dense"]
+    singular_values: torch.Tensor  # the kept (rank-truncated) spectrum of dW, float64, descending
+    restrained_values: torch.Tensor  # F applied to it
+
+    @property
+    def changed(self) -> bool:
+        return self.n_restrained > 0
+
+
+def _truncated_svd_lowrank(
+    delta: torch.Tensor, k: int, tol_of, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """Thin SVD of delta from a k-column sketch, or None if the sketch cannot be certified complete.
+
+    Certificate: with delta = Q B + R, singular values of delta beyond the sketch's rank are at most ||R||_2, so
+    ||R||_2 <= tol means the official truncation drops everything the sketch misses.
+    """
+    m, n = delta.shape
+    omega = torch.randn(n, k, dtype=delta.dtype, device=delta.device, generator=generator)
+    q, _ = torch.linalg.qr(delta @ omega)
+    b = q.mT @ delta
+    ub, s, vt = torch.linalg.svd(b, full_matrices=False)
+    tol = tol_of(float(s[0]))
+    rank = int((s > tol).sum())
+    if rank > k - _OVERSAMPLE // 2 and k < min(m, n):
+        return None  # the sketch may be saturated: more directions above tol could exist
+    resid_fro2 = float(delta.square().sum()) - float(s.square().sum())
+    if resid_fro2 > tol * tol:
+        # Frobenius is a loose bound; estimate ||R||_2 by power iteration on R = delta - Q B.
+        x = torch.randn(n, dtype=delta.dtype, device=delta.device, generator=generator)
+        est = 0.0
+        for _ in range(_POWER_ESTIMATE_STEPS):
+            x = x / x.norm().clamp_min(1e-300)
+            y = delta @ x - q @ (b @ x)
+            x = delta.mT @ y - b.mT @ (q.mT @ y)
+            est = math.sqrt(float(x.norm()))
+        if 1.1 * est > tol:
+            return None
+    u = q @ ub[:, :rank]
+    return u, s[:rank], vt[:rank], tol
+
+
+def restrain_delta(
+    delta: torch.Tensor,
+    smax_original: float,
+    alpha: Alpha,
+    *,
+    never_enlarge: bool = True,
+    storage_dtype: torch.dtype = torch.float32,
+    scale: float | None = None,
+    rank_hint: int = 0,
+    seed: int = 0,
+) -> tuple[torch.Tensor | None, Restraint]:
+    """Restrain dW. Returns (restrained dW in float64 or None when nothing reaches smax(W0), figures).
+
+    `scale` is the largest |entry| of W0/W (for the storage rounding floor); `rank_hint` the rank found last time
+    for this matrix, which sizes the first sketch.
+    """
+    d = delta.to(torch.float64)
+    m, n = d.shape
+    fro = float(torch.linalg.matrix_norm(d))
+    if fro == 0.0:
+        empty = d.new_zeros(0)
+        return None, Restraint(smax_original, 0.0, 0.0, 0, 0, 0, "zero", empty, empty)
+    if scale is None:
+        scale = float(d.abs().max())
+
+    def tol_of(s0: float) -> float:
+        return rank_tolerance(s0, (m, n), storage_dtype, scale)
+
+    generator = torch.Generator(device=d.device).manual_seed(seed)
+    svd = None
+    k = max(rank_hint + 1 + _OVERSAMPLE, 2 * _OVERSAMPLE)
+    while svd is None and k <= min(m, n) // 2:
+        svd = _truncated_svd_lowrank(d, k, tol_of, generator)
+        k *= 2
+    path: Literal["lowrank", "dense"] = "lowrank"
+    if svd is None:
+        path = "dense"
+        u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        tol = tol_of(float(s[0]))
+        rank = int((s > tol).sum())
+        svd = (u[:, :rank], s[:rank], vt[:rank], tol)
+    u, s, vt, _ = svd
+    new_s, n_restrained, n_guarded = restrain_values(s, smax_original, alpha, never_enlarge)
+    figures = Restraint(
+        smax_original=smax_original, smax_delta=float(s[0]) if len(s) else 0.0, delta_fro=fro, rank=len(s),
+        n_restrained=n_restrained, n_guarded=n_guarded, path=path, singular_values=s, restrained_values=new_s,
+    )
+    if n_restrained == 0:
+        return None, figures
+    return (u * new_s) @ vt, figures
+
+
+def restrain_dense_reference(
+    delta: torch.Tensor, smax_original: float, alpha: Alpha, *, never_enlarge: bool = False
+) -> torch.Tensor:
+    """The official recipe, literally: full float64 SVD, numpy's default rank, F on every value >= smax(W0).
+
+    Slow (a dense SVD of the whole matrix); the test suite compares the fast path against it.
+    """
+    d = delta.to(torch.float64)
+    u, s, vt = torch.linalg.svd(d, full_matrices=False)
+    tol = float(s[0]) * max(d.shape) * torch.finfo(torch.float32).eps
+    rank = int((s > tol).sum())
+    new_s, _, _ = restrain_values(s, smax_original, alpha, never_enlarge)
+    return (u[:, :rank] * new_s[:rank]) @ vt[:rank]

@@ -1,0 +1,166 @@
+"""PRUNE's restraint: F itself, and the fast path against a literal float64 dense-SVD version of the official recipe."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prune_plugin.restraint import (
+    OFFICIAL_BASES,
+    parse_alpha,
+    rank_tolerance,
+    restrain_delta,
+    restrain_dense_reference,
+    restrain_values,
+)
+from prune_plugin.spectrum import SmaxCache, condition_number, largest_singular_value
+
+ALPHAS = [math.e, 2.0, 1.5, 1.2, "linear", 3.7]
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def make_case(seed: int, m: int, n: int, rank: int, strength: float, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)).to(dtype)
+    update = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
+    w = (w0.double() + strength * update / math.sqrt(rank)).to(dtype)
+    return w0, w
+
+
+class TestF:
+    def test_values_below_smax_of_w0_are_left_alone(self):
+        s = torch.tensor([0.5, 0.99], dtype=torch.float64)
+        out, n, _ = restrain_values(s, 1.0, math.e)
+        assert torch.equal(out, s) and n == 0
+
+    def test_log_base_formula_matches_the_paper(self):
+        s = torch.tensor([40.0, 10.0], dtype=torch.float64)
+        out, n, _ = restrain_values(s, 8.0, 2.0, never_enlarge=False)
+        expected = [math.log(40, 2) - math.log(8, 2) + 8, math.log(10, 2) - math.log(8, 2) + 8]
+        assert n == 2 and out.tolist() == pytest.approx(expected, rel=1e-15)
+
+    def test_linear_variant_halves_the_excess(self):
+        out, _, _ = restrain_values(torch.tensor([30.0], dtype=torch.float64), 10.0, "linear")
+        assert out.item() == pytest.approx(20.0)
+
+    def test_f_is_continuous_at_the_threshold(self):
+        out, _, _ = restrain_values(torch.tensor([7.0], dtype=torch.float64), 7.0, 1.2)
+        assert out.item() == pytest.approx(7.0)
+
+    def test_small_smax_with_base_1_2_would_enlarge_and_the_guard_prevents_it(self):
+        # smax(W0) = 2 < 1/ln(1.2) = 5.48: F(3) = log_1.2(1.5) + 2 = 4.22 > 3
+        s = torch.tensor([3.0], dtype=torch.float64)
+        official, _, _ = restrain_values(s, 2.0, 1.2, never_enlarge=False)
+        guarded, n, n_guarded = restrain_values(s, 2.0, 1.2, never_enlarge=True)
+        assert official.item() > 3.0
+        assert guarded.item() == 3.0 and n == 1 and n_guarded == 1
+
+    @pytest.mark.parametrize("text,value", [("e", math.e), ("2", 2.0), ("1.5", 1.5), ("1.2", 1.2), ("linear", "linear"), (3, 3.0)])
+    def test_alpha_accepts_the_official_names(self, text, value):
+        assert parse_alpha(text) == value
+
+    @pytest.mark.parametrize("bad", [1, 0.5, -2, "ln", float("nan"), True, None])
+    def test_alpha_must_be_a_base_above_one(self, bad):
+        with pytest.raises(ValueError):
+            parse_alpha(bad)
+
+    def test_official_bases_are_all_offered(self):
+        assert set(OFFICIAL_BASES) == {"e", "2", "1.5", "1.2"}
+
+
+class TestFastPathEqualsDenseReference:
+    @settings(max_examples=25, deadline=None)
+    @given(
+        seed=st.integers(0, 10_000),
+        m=st.integers(8, 80),
+        n=st.integers(8, 120),
+        rank=st.integers(1, 12),
+        strength=st.floats(0.5, 30.0),
+        alpha=st.sampled_from(ALPHAS),
+        never_enlarge=st.booleans(),
+    )
+    def test_low_rank_updates(self, seed, m, n, rank, strength, alpha, never_enlarge):
+        w0, w = make_case(seed, m, n, min(rank, m, n), strength)
+        smax0 = largest_singular_value(w0)
+        delta = w - w0
+        fast, _ = restrain_delta(delta, smax0, alpha, never_enlarge=never_enlarge)
+        reference = restrain_dense_reference(delta, smax0, alpha, never_enlarge=never_enlarge)
+        assert relative_error(delta.double() if fast is None else fast, reference) < 1e-5
+
+    @settings(max_examples=10, deadline=None)
+    @given(seed=st.integers(0, 10_000), m=st.integers(8, 60), n=st.integers(8, 60), alpha=st.sampled_from(ALPHAS))
+    def test_full_rank_updates(self, seed, m, n, alpha):
+        w0, w = make_case(seed, m, n, min(m, n), 5.0)
+        smax0 = largest_singular_value(w0)
+        fast, info = restrain_delta(w - w0, smax0, alpha)
+        reference = restrain_dense_reference(w - w0, smax0, alpha, never_enlarge=True)
+        assert info.rank == min(m, n)
+        assert relative_error(fast, reference) < 1e-5
+
+    def test_embedded_model_shape_rank_ten_takes_the_sketch(self):
+        w0, w = make_case(7, 576, 1536, 10, 8.0)
+        smax0 = largest_singular_value(w0)
+        fast, info = restrain_delta(w - w0, smax0, 1.2, never_enlarge=False)
+        reference = restrain_dense_reference(w - w0, smax0, 1.2)
+        assert info.path == "lowrank" and info.rank == 10 and info.n_restrained > 0
+        assert relative_error(fast, reference) < 1e-5
+
+    def test_rank_truncation_drops_directions_below_numpys_tolerance(self):
+        w0, w = make_case(3, 40, 70, 3, 10.0, dtype=torch.float64)
+        g = torch.Generator().manual_seed(1)
+        tiny = 1e-12 * torch.randn(40, 70, generator=g, dtype=torch.float64)  # far below s0 * max(m,n) * eps32
+        delta = (w - w0) + tiny
+        smax0 = largest_singular_value(w0)
+        fast, info = restrain_delta(delta, smax0, math.e, storage_dtype=torch.float64)
+        reference = restrain_dense_reference(delta, smax0, math.e, never_enlarge=True)
+        assert info.rank == 3
+        assert torch.linalg.matrix_rank(fast).item() == 3
+        assert relative_error(fast, reference) < 1e-5
+
+    def test_nothing_reaching_smax_leaves_the_matrix_alone(self):
+        w0, w = make_case(5, 30, 50, 2, 0.01)
+        result, info = restrain_delta(w - w0, largest_singular_value(w0), math.e)
+        assert result is None and info.n_restrained == 0 and info.rank == 2
+
+    def test_zero_update_is_a_no_op(self):
+        result, info = restrain_delta(torch.zeros(5, 7), 1.0, 2.0)
+        assert result is None and info.path == "zero"
+
+    def test_restrained_spectrum_is_bounded_by_f_of_the_unrestrained_one(self):
+        w0, w = make_case(11, 64, 96, 4, 20.0)
+        smax0 = largest_singular_value(w0)
+        restrained, info = restrain_delta(w - w0, smax0, 2.0)
+        bound = restrain_values(torch.tensor([info.smax_delta], dtype=torch.float64), smax0, 2.0)[0].item()
+        assert torch.linalg.svdvals(restrained)[0].item() <= max(bound, smax0) + 1e-9
+
+
+class TestSpectrum:
+    def test_largest_singular_value_matches_svd(self):
+        w = torch.randn(50, 80, dtype=torch.float64)
+        assert largest_singular_value(w) == pytest.approx(torch.linalg.svdvals(w)[0].item(), rel=1e-12)
+
+    def test_large_matrices_go_through_the_gram_matrix_and_agree(self, monkeypatch):
+        import prune_plugin.spectrum as spectrum
+
+        w = torch.randn(60, 90, dtype=torch.float32)
+        monkeypatch.setattr(spectrum, "_DENSE_LIMIT", 10)
+        assert spectrum.largest_singular_value(w) == pytest.approx(torch.linalg.svdvals(w.double())[0].item(), rel=1e-10)
+
+    def test_condition_number_is_ratio_of_extreme_singular_values(self):
+        w = torch.diag(torch.tensor([10.0, 2.0, 0.5]))
+        assert condition_number(w) == pytest.approx(20.0)
+
+    def test_smax_cache_computes_once_per_name(self):
+        cache = SmaxCache()
+        w = torch.eye(3) * 4
+        assert cache.get("a", w) == pytest.approx(4.0)
+        assert cache.get("a", torch.eye(3)) == pytest.approx(4.0)  # cached: W0 never changes
+
+    def test_rank_tolerance_follows_numpy_for_float32_and_rounding_for_bf16(self):
+        assert rank_tolerance(2.0, (10, 30), torch.float32, 0.0) == pytest.approx(2.0 * 30 * torch.finfo(torch.float32).eps)
+        assert rank_tolerance(2.0, (10, 30), torch.bfloat16, 1.0) > rank_tolerance(2.0, (10, 30), torch.float32, 1.0)

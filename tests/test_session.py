@@ -1,0 +1,229 @@
+"""The edit session: W0 bookkeeping, PRUNE's two modes, the hook contract, telemetry, rollback and restoration."""
+import json
+import math
+
+import pluggy
+import pytest
+import torch
+
+from prune_plugin.config import PruneConfig
+from prune_plugin.hookspecs import hookimpl
+from prune_plugin.plugins.telemetry import read_telemetry
+from prune_plugin.restraint import restrain_dense_reference, restrain_values
+from prune_plugin.session import EditSession, make_plugin_manager
+from prune_plugin.spectrum import largest_singular_value
+from tiny_models import tiny_llama
+
+TARGET = "model.layers.1.mlp.down_proj.weight"
+
+
+def rank_one_edit(model, seed: int, strength: float = 40.0, name: str = TARGET) -> None:
+    """What ROME does to a matrix: W += u v^T."""
+    g = torch.Generator().manual_seed(seed)
+    w = model.get_parameter(name)
+    u, v = torch.randn(w.shape[0], generator=g), torch.randn(w.shape[1], generator=g)
+    with torch.no_grad():
+        w += strength * torch.outer(u / u.norm(), v / v.norm())
+
+
+def run_sequence(session, model, n: int, **kwargs) -> list:
+    steps = []
+    for i in range(n):
+        session.before_edit()
+        rank_one_edit(model, seed=i, **kwargs)
+        steps.append(session.after_edit({"prompt": f"edit {i}", "target_new": "x"}))
+    session.end()
+    return steps
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()[0]
+
+
+def params_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_final_mode_restrains_once_after_the_last_edit_like_the_official_code(model):
+    w0 = model.get_parameter(TARGET).detach().clone()
+    session = EditSession(model, PruneConfig(prune=True, prune_alpha=2.0, prune_mode="final"), [TARGET])
+    for i in range(3):
+        session.before_edit()
+        rank_one_edit(model, seed=i)
+        session.after_edit({"prompt": str(i)})
+        if i < 2:
+            assert not torch.equal(model.get_parameter(TARGET), w0)  # edits land unrestrained until the end
+    unrestrained = model.get_parameter(TARGET).detach().clone()
+    session.end()
+    expected = w0.double() + restrain_dense_reference(unrestrained - w0, largest_singular_value(w0), 2.0, never_enlarge=True)
+    assert torch.allclose(model.get_parameter(TARGET).double(), expected, rtol=0, atol=1e-5)
+
+
+def test_restrained_matrix_obeys_the_papers_bound(model):
+    w0 = model.get_parameter(TARGET).detach().clone()
+    smax0 = largest_singular_value(w0)
+    session = EditSession(model, PruneConfig(prune=True, prune_alpha=math.e), [TARGET])
+    for i in range(4):
+        session.before_edit()
+        rank_one_edit(model, seed=i)
+        session.after_edit({})
+    smax_unrestrained = torch.linalg.svdvals((model.get_parameter(TARGET) - w0).double())[0].item()
+    session.end()
+    bound = restrain_values(torch.tensor([smax_unrestrained], dtype=torch.float64), smax0, math.e)[0].item()
+    smax_after = torch.linalg.svdvals((model.get_parameter(TARGET) - w0).double())[0].item()
+    assert smax_unrestrained > smax0  # the edits really were large enough to be restrained
+    assert smax_after <= max(bound, smax0) + 1e-4
+
+
+def test_online_mode_restrains_after_every_edit_and_only_edited_matrices(model):
+    other = "model.layers.2.mlp.down_proj.weight"
+    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET, other])
+    steps = run_sequence(session, model, 3)
+    for step in steps:
+        assert step.edited == [TARGET]
+        assert step.figures[TARGET].restrained and step.figures[TARGET].n_restrained >= 1
+    assert torch.equal(model.get_parameter(other), session.originals[other])
+
+
+def test_restraint_never_touches_parameters_that_were_not_edited(model):
+    before = params_snapshot(model)
+    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
+    run_sequence(session, model, 2)
+    for name, value in before.items():
+        if name != TARGET:
+            assert torch.equal(model.get_parameter(name), value), name
+
+
+def test_restore_gives_back_w0_bit_exactly(model):
+    before = params_snapshot(model)
+    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
+    run_sequence(session, model, 3)
+    assert not torch.equal(model.get_parameter(TARGET), before[TARGET])
+    session.restore()
+    for name, value in before.items():
+        assert torch.equal(model.get_parameter(name), value), name
+
+
+def test_originals_can_live_on_the_cpu_and_restore_in_the_parameters_dtype(model):
+    model = model.to(torch.bfloat16)
+    w0 = model.get_parameter(TARGET).detach().clone()
+    session = EditSession(model, PruneConfig(prune=True, prune_originals_device="cpu"), [TARGET])
+    run_sequence(session, model, 2)
+    assert session.originals[TARGET].device.type == "cpu" and session.originals[TARGET].dtype == torch.bfloat16
+    session.restore()
+    assert torch.equal(model.get_parameter(TARGET), w0)
+
+
+def test_prune_off_changes_nothing_the_edits_did(model):
+    session = EditSession(model, PruneConfig(prune=False, prune_telemetry=None), [TARGET])
+    run_sequence(session, model, 3)
+    reference = tiny_llama()[0]
+    for i in range(3):
+        rank_one_edit(reference, seed=i)
+    assert torch.equal(model.get_parameter(TARGET), reference.get_parameter(TARGET))
+
+
+def test_restrain_now_applies_the_restraint_whatever_the_mode(model):
+    session = EditSession(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
+    session.before_edit()
+    rank_one_edit(model, seed=0)
+    session.after_edit({})
+    figures = session.restrain_now()
+    assert figures[TARGET].restrained
+
+
+def test_unknown_target_is_a_clear_error(model):
+    with pytest.raises(KeyError, match="model.layers.9.mlp"):
+        EditSession(model, PruneConfig(prune=True), ["model.layers.9.mlp.down_proj.weight"])
+
+
+def test_non_finite_edit_is_refused_and_weights_are_not_rewritten(model):
+    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
+    session.before_edit()
+    with torch.no_grad():
+        model.get_parameter(TARGET)[0, 0] = float("nan")
+    broken = model.get_parameter(TARGET).detach().clone()
+    with pytest.raises(FloatingPointError, match=TARGET):
+        session.after_edit({})
+    assert torch.equal(model.get_parameter(TARGET)[1:], broken[1:])
+
+
+class TestTelemetry:
+    def test_every_edit_is_one_json_line_with_the_per_matrix_figures(self, model, tmp_path):
+        path = tmp_path / "run" / "telemetry.jsonl"
+        session = EditSession(model, PruneConfig(prune=True, prune_mode="online", prune_telemetry=str(path)), [TARGET])
+        run_sequence(session, model, 3)
+        records = list(read_telemetry(path))
+        assert [r["event"] for r in records] == ["start", "edit", "edit", "edit", "end"]
+        figures = records[1]["figures"][0]
+        assert figures["name"] == TARGET and figures["smax_original"] > 0 and figures["delta_fro"] > 0
+        assert figures["cond_after"] <= figures["cond_before"]  # the restraint lowers the condition number
+        assert figures["n_restrained"] >= 1 and records[1]["seconds"]["restraint"] > 0
+
+    def test_without_restraint_telemetry_still_measures_the_edited_matrices(self, model, tmp_path):
+        path = tmp_path / "t.jsonl"
+        session = EditSession(model, PruneConfig(prune_telemetry=str(path)), [TARGET])
+        run_sequence(session, model, 2)
+        edits = [r for r in read_telemetry(path) if r["event"] == "edit"]
+        growth = [e["figures"][0]["cond_after"] for e in edits]
+        assert growth[1] > growth[0] > 0 and not edits[0]["figures"][0]["restrained"]
+
+    def test_a_line_cut_off_by_a_crash_is_skipped_and_the_rest_is_kept(self, model, tmp_path):
+        path = tmp_path / "t.jsonl"
+        session = EditSession(model, PruneConfig(prune_telemetry=str(path)), [TARGET])
+        run_sequence(session, model, 2)
+        with open(path, "a") as f:
+            f.write('{"event": "edit", "step": 2, "figu')
+        assert len(list(read_telemetry(path))) == 4
+
+    def test_a_corrupt_line_in_the_middle_names_file_and_line(self, tmp_path):
+        path = tmp_path / "t.jsonl"
+        path.write_text('{"event": "start"}\nnot json\n{"event": "end"}\n')
+        with pytest.raises(ValueError, match=r"t.jsonl:2"):
+            list(read_telemetry(path))
+
+
+class TestHooks:
+    def test_third_party_restraints_receive_the_lifecycle_in_order(self, model):
+        calls = []
+
+        class Recorder:
+            @hookimpl
+            def prune_edit_start(self, originals):
+                calls.append(("start", sorted(originals)))
+
+            @hookimpl
+            def prune_after_edit(self, request, step, originals):
+                calls.append(("edit", request["prompt"], step.index, step.edited))
+
+            @hookimpl
+            def prune_edit_end(self, steps):
+                calls.append(("end", len(steps)))
+
+        pm = make_plugin_manager(load_entry_points=False)
+        pm.register(Recorder())
+        session = EditSession(model, PruneConfig(), [TARGET], plugin_manager=pm)
+        run_sequence(session, model, 2)
+        assert calls == [("start", [TARGET]), ("edit", "edit 0", 0, [TARGET]), ("edit", "edit 1", 1, [TARGET]), ("end", 2)]
+
+    def test_prune_runs_before_other_plugins_so_they_see_restrained_weights(self, model):
+        seen = []
+
+        class Observer:
+            @hookimpl
+            def prune_after_edit(self, step):
+                seen.append(step.figures[TARGET].restrained)
+
+        pm = make_plugin_manager(load_entry_points=False)
+        pm.register(Observer())
+        session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET], plugin_manager=pm)
+        run_sequence(session, model, 1)
+        assert seen == [True]
+
+    def test_plugins_are_discovered_through_the_prune_plugin_entry_point_group(self, monkeypatch):
+        loaded = []
+        monkeypatch.setattr(pluggy.PluginManager, "load_setuptools_entrypoints",
+                            lambda self, group, name=None: loaded.append(group) or 0)
+        make_plugin_manager()
+        assert loaded == ["prune_plugin"]
