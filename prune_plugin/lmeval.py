@@ -1,0 +1,167 @@
+"""lm-evaluation-harness integration.
+
+* evaluate(): run lm-eval on an in-memory Hugging Face model with this plugin's tasks, returning lm-eval's own
+  results dict.
+* register_entry_point_tasks(): make lm-eval 0.4.x honour the `lm_eval.tasks` entry-point group (upstream's
+  proposed task-plugin discovery), so installed plugins' task folders are found without --include_path.
+  _prune_plugin_autoload calls it the moment `lm_eval.tasks` is imported.
+
+lm-eval is an optional dependency, so it is imported inside the functions only.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+ENTRY_POINT_GROUP = "lm_eval.tasks"
+_WRAPPED_MARK = "_prune_plugin_entry_points"
+
+log = logging.getLogger(__name__)
+
+
+def task_dir() -> Path:
+    """The folder holding this plugin's lm-eval task YAMLs (installed as the package prune_plugin.tasks)."""
+    import prune_plugin.tasks
+
+    return Path(prune_plugin.tasks.__file__).resolve().parent
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: str | Sequence[str],
+    *,
+    batch_size: int = 8,
+    limit: int | float | None = None,
+    metadata: dict[str, Any] | None = None,
+    include_defaults: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> dict:
+    """Run lm-eval's simple_evaluate on `model` (a transformers causal LM) and return lm-eval's results dict.
+
+    tasks: task or group names, e.g. ["hardedit", "collapse_ppl"].
+    metadata: task metadata, as lm-eval's --metadata (e.g. {"hardedit_path": "my_edits.json"}).
+    include_defaults: also index lm-eval's built-in tasks (about 20 s); by default only this plugin's tasks.
+    model_kwargs: extra HFLM arguments (e.g. {"max_length": 512, "add_bos_token": False}); like the CLI, they
+        are also visible to tasks as metadata.
+    kwargs: passed on to lm_eval.simple_evaluate (e.g. bootstrap_iters, log_samples).
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from prune_plugin.lmeval_ppl import register_tokenizer, unregister_tokenizer
+
+    model_kwargs = dict(model_kwargs or {})
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **model_kwargs)
+    # Tasks that count tokens (collapse_ppl_paper) find an in-memory tokenizer through this handle.
+    handle = register_tokenizer(tokenizer)
+    try:
+        task_metadata = {**model_kwargs, "tokenizer": handle, **(metadata or {})}
+        manager = TaskManager(
+            include_path=[str(task_dir())], include_defaults=include_defaults, metadata=task_metadata
+        )
+        task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+        results = simple_evaluate(model=lm, tasks=task_list, limit=limit, task_manager=manager, **kwargs)
+    finally:
+        unregister_tokenizer(handle)
+    if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
+        raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
+    return results
+
+
+def entry_point_task_dirs(entry_points: Iterable[EntryPoint] | None = None) -> list[Path]:
+    """Task folders named by the `lm_eval.tasks` entry points, in entry-point order, each listed once.
+
+    An entry point's value is either a module or package (its folder is the task folder), or "module:attr"
+    where attr is a path, a list of paths, or a zero-argument callable returning either. A broken entry point
+    is logged and skipped: one bad plugin must not stop lm-eval.
+    """
+    if entry_points is None:
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    dirs: list[Path] = []
+    for ep in entry_points:
+        try:
+            found = _dirs_of(ep)
+        except Exception as err:  # noqa: BLE001 - any plugin failure is reported, never raised
+            log.warning("lm_eval.tasks entry point %r (%s) skipped: %s", ep.name, ep.value, err)
+            continue
+        for folder in found:
+            if folder not in dirs:
+                dirs.append(folder)
+    return dirs
+
+
+def _dirs_of(ep: EntryPoint) -> list[Path]:
+    if ep.attr is None:
+        module = importlib.import_module(ep.module)
+        locations = list(getattr(module, "__path__", None) or [os.path.dirname(module.__file__)])
+    else:
+        target = ep.load()
+        target = target() if callable(target) else target
+        locations = [target] if isinstance(target, (str, os.PathLike)) else list(target)
+    dirs = [Path(location).resolve() for location in locations]
+    for folder in dirs:
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+    return dirs
+
+
+def merge_include_paths(
+    plugin_dirs: Sequence[Path], include_path: str | Path | Sequence[str | Path] | None
+) -> list[str | Path] | None:
+    """Plugin folders first, then the user's own include paths, so the user's tasks win name clashes
+    (lm-eval's TaskIndex lets later paths override earlier ones). A plugin folder the user already
+    includes is not added twice."""
+    user = [] if include_path is None else (
+        list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    )
+    user_resolved = {Path(p).resolve() for p in user}
+    merged: list[str | Path] = [d for d in plugin_dirs if d.resolve() not in user_resolved] + user
+    return merged or include_path
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_plugin_dirs() -> tuple[Path, ...]:
+    return tuple(entry_point_task_dirs())
+
+
+def register_entry_point_tasks() -> None:
+    """Teach lm-eval's TaskManager to index the `lm_eval.tasks` entry points' folders. Idempotent.
+
+    They are indexed like installed tasks: after lm-eval's built-ins and before the user's include_path, and
+    only when include_defaults is true (include_defaults=False keeps meaning "only my include_path").
+    Nothing else about TaskManager changes: its include_path attribute still shows what the caller passed.
+    """
+    from lm_eval.tasks.manager import TaskManager
+
+    original = TaskManager.__init__
+    if getattr(original, _WRAPPED_MARK, False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # let lm-eval report its own argument error
+        include_path = bound.arguments.get("include_path")
+        if bound.arguments.get("include_defaults", True) and "include_path" in signature.parameters:
+            bound.arguments["include_path"] = merge_include_paths(_cached_plugin_dirs(), include_path)
+        original(*bound.args, **bound.kwargs)
+        if hasattr(self, "include_path"):
+            self.include_path = include_path
+
+    setattr(__init__, _WRAPPED_MARK, True)
+    TaskManager.__init__ = __init__
