@@ -1,0 +1,70 @@
+"""Drive EasyEdit from CounterFact-form records, for either generation: load hparams, build an editor around an
+in-memory model, and edit sequentially (``keep_original_weight=False`` in 0.0.1.dev0, ``sequential_edit=True``
+in the current EasyEdit)."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from typing import Any, Sequence
+
+import torch
+
+
+def easyeditor_module() -> Any:
+    """The installed easyeditor, imported with the CPU compat where the packaged 0.0.1.dev0 needs it."""
+    from .legacy import import_easyeditor
+
+    return import_easyeditor()
+
+
+def load_hparams(path: str | os.PathLike) -> Any:
+    """EasyEdit's own ``XHyperParams.from_hparams(path)``, the class picked by the file's alg_name."""
+    import yaml
+
+    with open(path, encoding="utf-8") as stream:
+        alg_name = (yaml.safe_load(stream) or {}).get("alg_name")
+    easyeditor = easyeditor_module()
+    names = {"R-ROME": "R_ROMEHyperParams", "FT": "FTHyperParams"}
+    cls = getattr(easyeditor, names.get(alg_name, f"{alg_name}HyperParams"), None)
+    if cls is None:
+        raise ValueError(f"{path}: alg_name {alg_name!r} is not an editing method of the installed easyeditor")
+    return cls.from_hparams(os.fspath(path))
+
+
+def is_legacy(easyeditor: Any) -> bool:
+    return "sequential_edit" not in inspect.signature(easyeditor.BaseEditor.edit).parameters
+
+
+def build_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> Any:
+    """A BaseEditor editing `model` in place (the plugin's session is attached if the hparams switch it on)."""
+    easyeditor = easyeditor_module()
+    if is_legacy(easyeditor):
+        from .legacy import make_editor
+
+        return make_editor(hparams, model, tok)
+    name = hparams.model_name
+    hparams.model_name = (model, tok)  # the current BaseEditor takes an in-memory (model, tokenizer) pair
+    editor = easyeditor.BaseEditor.from_hparams(hparams)
+    editor.model_name = hparams.model_name = name
+    return editor
+
+
+def edit_kwargs(records: Sequence[dict]) -> dict[str, Any]:
+    """BaseEditor.edit keyword arguments for CounterFact-form records."""
+    return {
+        "prompts": [r["prompt"] for r in records],
+        "target_new": [r["target_new"] for r in records],
+        "ground_truth": [r["ground_truth"] for r in records],
+        "rephrase_prompts": [r["rephrase_prompt"] for r in records],
+        "subject": [r["subject"] for r in records],
+        "locality_inputs": {"neighborhood": {"prompt": [r["locality_prompt"] for r in records],
+                                             "ground_truth": [r["locality_ground_truth"] for r in records]}},
+    }
+
+
+def edit_sequentially(editor: Any, records: Sequence[dict], **kwargs: Any) -> list[dict]:
+    """Apply the records one after another without restoring weights in between; returns EasyEdit's metrics."""
+    sequential = {"keep_original_weight": False} if is_legacy(easyeditor_module()) else {"sequential_edit": True}
+    metrics, _, _ = editor.edit(**edit_kwargs(records), **sequential, verbose=False, **kwargs)
+    return metrics
