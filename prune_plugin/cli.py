@@ -31,9 +31,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _alpha(text: str):
+def _alphas(text: str) -> tuple:
     try:
-        return parse_alpha(text)
+        return tuple(parse_alpha(part) for part in text.split(","))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--alpha {err}") from None
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the main job (the default)")
     run.add_argument("--method", default=d.method, type=str.upper, help=f"editing method: {', '.join(METHODS)}")
     run.add_argument("--edits", type=_positive, default=d.edits, help="number of sequential edits (default %(default)s)")
-    run.add_argument("--alpha", type=_alpha, default="e", help="PRUNE log base a > 1 (e, 2, 1.5, 1.2, ...) or 'linear'")
+    run.add_argument("--alpha", type=_alphas, default="e",
+                     help="PRUNE log base a > 1 (e, 2, 1.5, 1.2, ...) or 'linear'; several (e,1.2) run one arm each")
     run.add_argument("--mode", choices=("final", "online"), default=d.mode, help="restrain once at the end or after every edit")
     _model_options(run)
     run.add_argument("--hparams", help="EasyEdit hparams YAML for --model (default: the shipped one for SmolLM2)")
@@ -147,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .mainjob import JobOptions, format_table, run_job
 
-    options = JobOptions(method=args.method, edits=args.edits, alpha=args.alpha, mode=args.mode, model=args.model,
+    options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
                          eval_sentences=args.eval_sentences)
     results = run_job(options)

@@ -99,7 +99,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    _as_released_tokenizer(tokenizer).save_pretrained(out_dir)
+
+
+def _as_released_tokenizer(tokenizer):
+    """Undo what the GGUF's tokenizer metadata changed from the released SmolLM2 tokenizer.
+
+    Loaded from the GGUF it prepends <|im_start|> as BOS and uses it as eos too; the release adds no BOS and ends
+    turns with <|im_end|>, also its pad token (the config's eos/pad id 2). Left as loaded, a prompt's subject is
+    never its first token (the hard case for ROME) and EasyEdit mistakes BOS for padding.
+    """
+    tokenizer.add_bos_token = False
+    tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    return tokenizer
 
 
 def default_source() -> ModelSource:
@@ -114,6 +126,7 @@ def default_source() -> ModelSource:
         # A folder saved by one transformers major version may not load in another.
         "transformers_major": int(transformers.__version__.split(".")[0]),
         "dtype": "float32",
+        "tokenizer": "no BOS; eos and pad <|im_end|>",
     }
     return ModelSource(DEFAULT_MODEL_NAME, lambda out: convert_gguf(gguf, out), recipe)
 
