@@ -34,12 +34,18 @@ def unregister_tokenizer(handle: str) -> None:
 
 
 def resolve_tokenizer(metadata: dict[str, Any]) -> Any:
-    """The tokenizer lm-eval's HF model will use, from task metadata (model args merged with --metadata)."""
-    name = next((metadata[k] for k in ("tokenizer", "pretrained") if isinstance(metadata.get(k), str)
-                 and metadata[k]), None)
+    """The tokenizer lm-eval's model will use, from task metadata (model args merged with --metadata).
+
+    The model arguments of lm-eval's backends that name it: `tokenizer` (sglang: `tokenizer_path`), else the model
+    itself (`model` for the API backends such as local-completions, `pretrained` for hf, vllm and sglang);
+    `revision`, or vllm's `tokenizer_revision`; hf's `use_fast_tokenizer` or vllm's `tokenizer_mode` (auto or
+    slow).
+    """
+    name = next((metadata[k] for k in ("tokenizer", "tokenizer_path", "model", "pretrained")
+                 if isinstance(metadata.get(k), str) and metadata[k]), None)
     if name is None:
         raise ValueError(
-            "collapse_ppl_paper needs the model's tokenizer to count scored tokens: run it with --model hf "
+            "collapse_ppl_paper needs the model's tokenizer to count scored tokens: run it with --model hf (or vllm) "
             "--model_args pretrained=<path> (or add tokenizer=<path> to --model_args or --metadata)"
         )
     if name.startswith(_IN_MEMORY_PREFIX):
@@ -48,11 +54,20 @@ def resolve_tokenizer(metadata: dict[str, Any]) -> Any:
         return _in_memory[name]
     from transformers import AutoTokenizer
 
-    # The same keyword arguments HFLM gives AutoTokenizer, so both sides tokenize alike.
+    # The same keyword arguments the backend gives AutoTokenizer, so both sides tokenize alike.
+    use_fast = parse_bool(metadata.get("use_fast_tokenizer", True))
+    mode = metadata.get("tokenizer_mode")
+    if mode is not None:  # vllm: "auto" (fast when there is one) or "slow"
+        if str(mode).strip().lower() not in ("auto", "slow"):
+            raise ValueError(
+                f"tokenizer_mode={mode!r}: collapse_ppl_paper reproduces Hugging Face tokenizers only "
+                "(tokenizer_mode auto or slow)"
+            )
+        use_fast = str(mode).strip().lower() == "auto"
     kwargs: dict[str, Any] = {
-        "revision": metadata.get("revision", "main"),
+        "revision": metadata.get("tokenizer_revision") or metadata.get("revision") or "main",
         "trust_remote_code": parse_bool(metadata.get("trust_remote_code")) or False,
-        "use_fast": parse_bool(metadata.get("use_fast_tokenizer", True)),
+        "use_fast": use_fast,
     }
     add_bos = parse_bool(metadata.get("add_bos_token"))
     if add_bos is not None:

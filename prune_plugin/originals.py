@@ -1,6 +1,7 @@
 """Bit-exact copies of weights the plugin may change, and their restoration."""
 from __future__ import annotations
 
+import hashlib
 from typing import Iterable, Iterator, Mapping
 
 import torch
@@ -65,13 +66,37 @@ def unchanged(model: torch.nn.Module, reference: Mapping[str, torch.Tensor]) -> 
     return [n for n, ref in reference.items() if torch.equal(get_parameter(model, n).detach().to(ref.device), ref)]
 
 
-def fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
-    """A cheap checksum of a tensor's bit pattern: the integer sum of its words and a position-weighted sum.
+#: Elements per chunk of the on-device checksum: bounds its int64 temporaries to a few tens of MiB.
+_CHUNK = 1 << 22
 
-    Tells whether an edit touched a matrix since the last look without keeping a second copy of it.
+
+def fingerprint(tensor: torch.Tensor) -> tuple[int, int]:
+    """A cheap checksum of a tensor's bit pattern, to tell whether an edit touched a matrix since the last look
+    without keeping a second copy of it.
+
+    On the CPU: a SHA-1 digest of the raw bytes (read in place, no copy; about one memory pass), as two integers.
+    On an accelerator: the integer sum of its words and a position-weighted sum, computed on the device chunk by
+    chunk so that the int64 temporaries stay small.
     """
-    t = tensor.detach().contiguous()
-    words = t.view(torch.uint8) if t.element_size() == 1 else t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-    flat = words.reshape(-1).to(torch.int64)
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 65521
-    return int(flat.sum()), int((flat * weights).sum())
+    t = tensor.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.device.type == "cpu":
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        digest = hashlib.sha1(memoryview(raw), usedforsecurity=False).digest()
+        return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:16], "little")
+    return _device_checksum(t)
+
+
+def _device_checksum(t: torch.Tensor) -> tuple[int, int]:
+    size = t.element_size()
+    words = t.reshape(-1).view(torch.uint8 if size == 1 else {2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=t.device)
+    positions = torch.arange(1, min(_CHUNK, words.numel()) + 1, device=t.device, dtype=torch.int64)
+    for start in range(0, words.numel(), _CHUNK):
+        chunk = words[start:start + _CHUNK].to(torch.int64)
+        total += chunk.sum()
+        weights = (positions[: chunk.numel()] + start) % 65521
+        weighted += (chunk * weights).sum()
+    return int(total), int(weighted)

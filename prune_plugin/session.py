@@ -95,7 +95,13 @@ class EditSession:
         if not targets:
             raise ValueError("an edit session needs at least one target parameter name")
         for name in targets:
-            get_parameter(model, name)  # fail now, with the name, rather than after the first edit
+            if get_parameter(model, name).is_meta:  # fail now, with the name, rather than after the first edit
+                raise ValueError(
+                    f"{name} is on the meta device, so its values are not in the model: accelerate leaves offloaded "
+                    "weights there (device_map entries 'disk', or 'cpu' next to GPUs) and loads them only for a "
+                    "forward pass. PRUNE needs every edited matrix resident: load the model with a device_map that "
+                    "keeps the edited layers on a device (GPU indices, or all 'cpu' without GPUs)"
+                )
         self.model = model
         self.config = config
         self.targets = list(targets)
@@ -107,6 +113,7 @@ class EditSession:
         self.rank_hints: dict[str, int] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
         self._seen: dict[str, tuple[int, int]] = {}
+        self._original_prints: dict[str, tuple[int, int]] = {}  # fingerprints of W0, taken on each weight's device
         self._pre_edit: dict[str, torch.Tensor] | None = None
         self.started = False
         self.ended = False
@@ -122,6 +129,7 @@ class EditSession:
             return
         self.originals.record(self.model, self.targets)
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
+        self._original_prints = dict(self._seen)
         self.started = True
         self.pm.hook.prune_edit_start(session=self, model=self.model, originals=self.originals)
 
@@ -153,7 +161,16 @@ class EditSession:
         return [n for n in self.targets if fingerprint(get_parameter(self.model, n)) != self._seen.get(n)]
 
     def changed_from_original(self) -> list[str]:
-        return [n for n in self.targets if not torch.equal(get_parameter(self.model, n).detach(), self.originals[n].to(get_parameter(self.model, n).device))]
+        """Targets whose weights differ from W0, bit for bit. When W0 is kept on another device (the CPU), a
+        fingerprint that differs from W0's settles it on the weight's device; W0 only travels to confirm a match."""
+        changed = []
+        for n in self.targets:
+            param, original = get_parameter(self.model, n).detach(), self.originals[n]
+            if original.device != param.device and fingerprint(param) != self._original_prints.get(n):
+                changed.append(n)
+            elif not torch.equal(param, original.to(param.device)):
+                changed.append(n)
+        return changed
 
     def restrain_now(self) -> dict[str, MatrixFigures]:
         """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode."""

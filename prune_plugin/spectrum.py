@@ -3,17 +3,28 @@ from __future__ import annotations
 
 import torch
 
-# Below this many elements a float64 singular-value pass is cheap (SmolLM2's 576x1536 takes ~0.1 s).
-_DENSE_LIMIT = 4_000_000
+# Below this many elements a float64 singular-value pass is as cheap as anything else. Above it the Gram route is
+# 2-4x faster than svdvals at every size measured (576x1536: 60 ms against 200 ms; 2048x2048: 1.5 s against 6.7 s).
+_DENSE_LIMIT = 1 << 16
+# Columns of the larger side converted to float64 at a time while the Gram matrix is accumulated (~32 MiB).
+_GRAM_BLOCK_ELEMENTS = 1 << 22
 
 
 def largest_singular_value(weight: torch.Tensor) -> float:
-    """smax(W) in float64. Large matrices go through the Gram matrix of the smaller side (m^2 n, one eigvalsh):
-    exact to float64 round-off for the largest value, and several times cheaper than a dense SVD."""
-    w = weight.detach().to(torch.float64)
+    """smax(W) in float64. Larger matrices go through the Gram matrix of the smaller side (m^2 n, one eigvalsh):
+    exact to float64 round-off for the largest value, and several times cheaper than a dense SVD. The Gram matrix
+    is accumulated from float64 blocks of W, so no float64 copy of the whole matrix is made."""
+    w = weight.detach()
     if w.numel() <= _DENSE_LIMIT:
-        return float(torch.linalg.svdvals(w)[0])
-    gram = w @ w.mT if w.shape[0] <= w.shape[1] else w.mT @ w
+        return float(torch.linalg.svdvals(w.to(torch.float64))[0])
+    if w.shape[0] > w.shape[1]:
+        w = w.mT  # Gram of the smaller side: W^T W = (W^T)(W^T)^T
+    small, large = w.shape
+    gram = torch.zeros(small, small, dtype=torch.float64, device=w.device)
+    step = max(1, _GRAM_BLOCK_ELEMENTS // max(small, 1))
+    for start in range(0, large, step):
+        block = w[:, start:start + step].to(torch.float64)
+        gram.addmm_(block, block.mT)
     return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
 
 

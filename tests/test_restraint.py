@@ -99,7 +99,8 @@ class TestFastPathEqualsDenseReference:
         smax0 = largest_singular_value(w0)
         fast, info = restrain_delta(w - w0, smax0, alpha)
         reference = restrain_dense_reference(w - w0, smax0, alpha, never_enlarge=True)
-        assert info.rank == min(m, n)
+        s = torch.linalg.svdvals((w - w0).double())  # numpy's rank rule: a square one can drop its smallest value
+        assert info.rank == int((s > s[0] * max(m, n) * torch.finfo(torch.float32).eps).sum()) >= min(m, n) - 1
         assert relative_error(fast, reference) < 1e-5
 
     def test_embedded_model_shape_rank_ten_takes_the_sketch(self):

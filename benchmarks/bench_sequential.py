@@ -1,0 +1,146 @@
+"""Benchmark 3: how the restraint's cost grows over a sequence of rank-one edits.
+
+After r rank-one edits (ROME adds one per edit) dW has rank r. One restraint of such a dW is timed at the
+Llama-2-7B down_proj shape for r = 10, 100, 1000:
+
+- per edit (online mode): `restrain_matrices`, smax(W0) cached, rank hint r - 1 (what the previous edit found);
+- lean: `restrain_parameter` with the same hint;
+- no hint: `restrain_parameter` with rank_hint=0, as the single restraint of 'final' mode after r edits (the
+  sketch has to grow to r first).
+
+The official code's cost does not depend on r (three dense SVDs of the whole matrix; see the restraint benchmark).
+A short real online sequence through EditSession (before_edit / after_edit) is timed as well, so the per-edit
+bookkeeping (fingerprints, hooks) is seen next to the restraint.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from .common import fmt_ratio, fmt_seconds, make_original, make_update, one_matrix_model, print_table, timed
+
+NAME = "sequential"
+SHAPE = ("Llama-2-7B down_proj", 4096, 11008)
+SMOKE_SHAPE = ("smoke", 64, 256)
+COUNTS = [10, 100, 1000]
+SMOKE_COUNTS = [2, 8, 24]
+SEQUENCE_EDITS, SMOKE_SEQUENCE_EDITS = 10, 4
+ALPHA = math.e
+
+
+def run(args) -> dict[str, Any]:
+    import torch
+
+    from prune_plugin.config import PruneConfig
+    from prune_plugin.plugins.prune import restrain_matrices
+    from prune_plugin.restraint import restrain_parameter
+    from prune_plugin.session import EditSession
+    from prune_plugin.spectrum import largest_singular_value
+
+    label, m, n = SMOKE_SHAPE if args.smoke else SHAPE
+    counts = SMOKE_COUNTS if args.smoke else COUNTS
+    notes = []
+    if args.max_edits is not None:
+        skipped = [c for c in counts if c > args.max_edits]
+        counts = [c for c in counts if c <= args.max_edits]
+        if skipped:
+            notes.append(f"skipped {skipped} edits (--max-edits {args.max_edits})")
+    big = m * n > 1_000_000
+    repeats = args.repeats if args.smoke else max(1, min(args.repeats, 3))
+    w0 = make_original(m, n, seed=0)
+    t0 = time.perf_counter()
+    smax0 = largest_singular_value(w0)
+    smax_seconds = time.perf_counter() - t0
+    config = PruneConfig(prune=True, prune_alpha=ALPHA, prune_mode="online", prune_never_enlarge=False)
+    rows, records = [], []
+    for r in counts:
+        w = make_update(m, n, r, smax0, seed=r).add_(w0).to(torch.float32)
+        model = one_matrix_model(w0)
+        session = EditSession(model, config, ["weight"])
+        session.begin()
+        session.smax.get("weight", session.originals["weight"])  # cached, as after the first edit
+        param = model.weight
+
+        def setup(hint: int) -> None:
+            with torch.no_grad():
+                param.copy_(w)
+            session.rank_hints["weight"] = hint
+
+        per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,
+                                  setup=lambda: setup(r - 1), collect=big)
+        fig = figures["weight"]
+        lean, _ = timed(lambda: restrain_parameter(param, session.originals["weight"], smax0, ALPHA,
+                                                   never_enlarge=False, rank_hint=r - 1),
+                        repeats=repeats, warmup=1, setup=lambda: setup(r - 1), collect=big)
+        cold, (cold_fig, _) = timed(lambda: restrain_parameter(param, session.originals["weight"], smax0, ALPHA,
+                                                               never_enlarge=False, rank_hint=0),
+                                    repeats=repeats, warmup=1, setup=lambda: setup(0), collect=big)
+        records.append({"edits": r, "rank": fig.rank, "path": fig.path, "n_restrained": fig.n_restrained,
+                        "per_edit_seconds": per_edit.median, "lean_seconds": lean.median,
+                        "no_hint_seconds": cold.median, "no_hint_path": cold_fig.path, "no_hint_rank": cold_fig.rank})
+        del w, model, session, param
+    base = records[0] if records else None
+    for rec in records:
+        growth = rec["per_edit_seconds"] / base["per_edit_seconds"]
+        rows.append([rec["edits"], f"{rec['path']} r={rec['rank']}", rec["n_restrained"], fmt_seconds(rec["per_edit_seconds"]),
+                     fmt_seconds(rec["lean_seconds"]), fmt_seconds(rec["no_hint_seconds"]),
+                     f"{fmt_ratio(growth)} / {fmt_ratio(rec['lean_seconds'] / base['lean_seconds'])}",
+                     f"{rec['edits'] / base['edits']:.0f}x"])
+    checks = [{"what": f"sequential rank {rec['edits']}", "kind": "agreement",
+               "ok": rec["rank"] == rec["edits"] and rec["no_hint_rank"] == rec["edits"],
+               "text": f"{rec['edits']} edits: rank found {rec['rank']} (hinted) / {rec['no_hint_rank']} (no hint)"}
+              for rec in records]
+    sequence = _online_sequence(args, m, n, w0, smax0, config)
+    if not args.smoke and records and records[-1]["edits"] >= 1000:
+        last, first = records[-1], records[0]
+        ratio = last["lean_seconds"] / first["lean_seconds"]
+        checks.append({"what": "sequential growth", "kind": "target", "ok": ratio < 100 * 0.5,
+                       "text": f"TARGET cost grows with the rank, not with m*n*min(m,n): rank x{last['edits'] // first['edits']} "
+                               f"-> lean time x{ratio:.1f} (per-edit x{last['per_edit_seconds'] / first['per_edit_seconds']:.1f}); "
+                               f"{'MET' if ratio < 50 else 'MISSED'}"})
+    notes += [
+        f"{label} {m}x{n}, float32; smax(W0) computed once ({fmt_seconds(smax_seconds)}) and cached. Median of {repeats} "
+        "after one warm-up.",
+        "growth = time / time at the fewest edits (per edit / lean); the rank grows as the edit count.",
+        f"real online sequence of {sequence['edits']} rank-one edits through EditSession (after_edit, median per edit): "
+        f"{fmt_seconds(sequence['after_edit'])} of which restraint {fmt_seconds(sequence['restraint'])} and bookkeeping "
+        f"(fingerprints, hooks) {fmt_seconds(sequence['after_edit'] - sequence['restraint'])}.",
+    ] + [c["text"] for c in checks]
+    header = ["edits", "path, rank", "restrained", "per edit (restrain_matrices)", "lean", "lean, no hint",
+              "growth (per edit / lean)", "rank growth"]
+    text = print_table(f"Restraint cost along a sequence of rank-one edits (OMP_NUM_THREADS={args.threads})",
+                       header, rows, notes)
+    return {"name": NAME, "records": records, "sequence": sequence, "checks": checks, "table": text}
+
+
+def _online_sequence(args, m, n, w0, smax0, config) -> dict[str, Any]:
+    """A real online run: before_edit, a rank-one edit of W (u v^T of strength 3 smax(W0)), after_edit."""
+    import statistics
+
+    import torch
+
+    from prune_plugin.session import EditSession
+
+    from .common import one_matrix_model
+
+    edits = SMOKE_SEQUENCE_EDITS if args.smoke else SEQUENCE_EDITS
+    model = one_matrix_model(w0)
+    session = EditSession(model, config, ["weight"])
+    g = torch.Generator().manual_seed(123)
+    totals, restraint, restrained = [], [], 0
+    for i in range(edits):
+        session.before_edit()
+        u = torch.randn(m, 1, generator=g)
+        v = torch.randn(1, n, generator=g)
+        with torch.no_grad():
+            model.weight.addmm_(u / u.norm(), v / v.norm(), alpha=3.0 * smax0)
+        t0 = time.perf_counter()
+        step = session.after_edit({"prompt": f"edit {i}"})
+        totals.append(time.perf_counter() - t0)
+        restraint.append(step.seconds.get("restraint", 0.0))
+        restrained += int(step.figures["weight"].restrained)
+    session.end()
+    # The first edit of this fresh session computes smax(W0) and has no rank hint: left out of the medians.
+    return {"edits": edits, "after_edit": statistics.median(totals[1:]), "restraint": statistics.median(restraint[1:]),
+            "first_after_edit": totals[0], "restrained_edits": restrained}
