@@ -11,7 +11,7 @@ import torch
 
 from ..hookspecs import hookimpl
 from ..originals import get_parameter
-from ..restraint import restrain_delta
+from ..restraint import restrain_parameter
 from ..spectrum import condition_number
 
 if TYPE_CHECKING:
@@ -35,22 +35,20 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
         if param.ndim != 2:
             continue  # biases and norms: no spectrum to restrain
         t0 = time.perf_counter()
-        original = session.originals[name].to(param.device)
+        original = session.originals[name]  # may live on the CPU: restrain_parameter moves it block by block
         with torch.no_grad():
-            delta = param.detach().to(torch.float64) - original.to(torch.float64)
-            if not torch.isfinite(delta).all():
-                raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was restrained")
+            if name not in session.smax:  # once per matrix, on the weight's device; reuse that copy below
+                original = original.to(param.device)
             smax0 = session.smax.get(name, original)
-            scale = max(float(original.abs().max()), float(param.detach().abs().max()))
             cond_before = condition_number(param) if session.wants_condition else None
-            new_delta, result = restrain_delta(
-                delta, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
-                storage_dtype=param.dtype, scale=scale, rank_hint=session.rank_hints.get(name, 0),
-            )
+            try:
+                result, wrote = restrain_parameter(
+                    param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
+                    rank_hint=session.rank_hints.get(name, 0), write=write,
+                )
+            except FloatingPointError as err:
+                raise FloatingPointError(f"{name}: {err}") from None
             session.rank_hints[name] = result.rank
-            wrote = write and new_delta is not None
-            if wrote:
-                param.copy_((original.to(torch.float64) + new_delta).to(param.dtype))
             cond_after = (condition_number(param) if wrote else cond_before) if session.wants_condition else None
         if result.n_guarded and write:
             warnings.warn(
