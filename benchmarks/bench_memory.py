@@ -20,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from .common import PeakRSS, fmt_bytes, print_table, select_shapes
+from .common import PeakRSS, fmt_bytes, fmt_seconds, print_table, select_shapes
 
 NAME = "memory"
 SHAPES = [
@@ -32,7 +32,7 @@ SMOKE_SHAPES = [("smoke", 96, 256)]
 RANK, SMOKE_RANK = 100, 5
 NOMINAL_SMAX = 12.0  # make_original's spike scale; smax(W0) comes out near 11, so F acts on part of dW
 PROBES = ["begin", "fingerprint", "smax", "restrain_matrices", "restrain_parameter", "condition_number", "official"]
-OFFICIAL_LARGE = 20_000_000  # elements: above this the official probe takes ~20 minutes (dense float32 SVDs)
+LARGE = 20_000_000  # elements: above this smax(W0) is not recomputed by the restraint probes
 
 
 # -- the probe (runs in the subprocess) -------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         model = one_matrix_model(w0)
         session = EditSession(model, cfg, ["weight"])
         session.begin()
-        session.smax._values["weight"] = largest_singular_value(w0) if m * n < OFFICIAL_LARGE else NOMINAL_SMAX * 0.93
+        session.smax._values["weight"] = largest_singular_value(w0) if m * n < LARGE else NOMINAL_SMAX * 0.93
         session.rank_hints["weight"] = rank  # the steady state of a sequence: the previous edit's rank is known
         with torch.no_grad():
             model.weight.copy_(w)
@@ -134,11 +134,10 @@ def run(args) -> dict[str, Any]:
     rank = SMOKE_RANK if args.smoke else RANK
     rows, records, notes, checks = [], [], [], []
     for label, m, n in shapes:
-        large = m * n >= OFFICIAL_LARGE
+        large = m * n >= LARGE
         for dtype in (["float32", "bfloat16"] if large else ["float32"]):
             r: dict[str, Any] = {"label": label, "shape": [m, n], "dtype": dtype, "rank": rank}
-            whats = [w for w in PROBES
-                     if not (w == "official" and (dtype != "float32" or (large and not args.official_memory_large)))]
+            whats = [w for w in PROBES if not (w == "official" and dtype != "float32")]
             if args.smoke:
                 r.update(_run_probes(whats, m, n, rank, dtype, timeout=600))
             else:
@@ -170,9 +169,6 @@ def run(args) -> dict[str, Any]:
             checks.append({"what": f"restrained {label} {dtype}", "kind": "agreement",
                            "ok": r["restrain_matrices"]["n_restrained"] > 0 and r["restrain_parameter"]["n_restrained"] > 0,
                            "text": f"memory probes of {label} {dtype} really restrained (n_restrained > 0)"})
-    if not args.official_memory_large and not args.smoke:
-        notes.append("official at 4096x11008 not probed here by default (20 minutes of dense SVDs; "
-                     "--official-memory-large runs it); the restraint benchmark records its in-process peak.")
     header = ["matrix", "dtype", "matrix size", "kept per matrix (W0 + state)", "begin() peak", "fingerprint peak",
               "smax(W0) once peak", "restrain_matrices peak", "lean peak", "lean gain", "cond. number peak",
               "official peak"]
@@ -184,8 +180,11 @@ def run(args) -> dict[str, Any]:
         "cond. number = one spectrum.condition_number call; restrain_matrices makes two per edit when telemetry "
         "records condition numbers (prune_telemetry_condition, on by default when telemetry is on); not part of the other columns.",
         "begin() = W0 copy + one fingerprint per target; a rollback guard additionally snapshots each target before "
-        "every edit (a second copy while the edit runs).",
-    ] + [c["text"] for c in checks]
+        "every edit (a second copy while the edit runs). official = benchmarks/official.py on float32 (the official "
+        "code has no bf16 path).",
+    ] + [f"time of one call in these probes, {r['label']} {r['dtype']}: " + ", ".join(
+        f"{what} {fmt_seconds(r[what]['seconds'])}" for what in PROBES if what in r and "seconds" in r[what])
+        for r in records] + [c["text"] for c in checks]
     text = print_table(f"Memory per edited matrix (OMP_NUM_THREADS={args.threads})", header, rows, notes)
     return {"name": NAME, "records": records, "checks": checks, "table": text}
 

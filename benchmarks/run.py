@@ -37,8 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds one timed case may take in all; a slower case is measured once (default 300; smoke 10)")
     p.add_argument("--full-rank-large", action="store_true", help="also run full-rank dW at 4096x11008 (very slow)")
-    p.add_argument("--official-memory-large", action="store_true",
-                   help="also probe the official code's memory at 4096x11008 (about 20 minutes)")
     p.add_argument("--reference-large", action="store_true", help="also compute the float64 dense reference at 4096x11008")
     p.add_argument("--shape", action="append", default=None, metavar="MxN",
                    help="restrict 'restraint' and 'memory' to these shapes, e.g. --shape 576x1536 (repeatable)")
