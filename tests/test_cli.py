@@ -6,7 +6,7 @@ import yaml
 
 from prune_plugin.cli import main
 from prune_plugin.plugins.telemetry import read_telemetry
-from tiny_models import save_pretrained
+from edit_fixtures import tiny_model_folder_with_rome_yaml
 
 
 def run_cli(capsys, *argv):
@@ -52,19 +52,12 @@ def test_a_foreign_model_needs_its_hparams(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_main_job_runs_both_arms_and_writes_table_json_and_plots(capsys, tmp_path, monkeypatch):
-    from test_easyedit_prune import ARCH, METHOD, tiny_model
-
     import importlib.util
 
     if importlib.util.find_spec("easyeditor") is None:
         pytest.skip("easyeditor is not installed")
     monkeypatch.chdir(tmp_path)
-    model, tok = tiny_model("llama")
-    folder = save_pretrained(model, tok, tmp_path / "tiny")
-    templates = {k: v for k, v in ARCH["llama"].items() if k != "build"}
-    hparams = tmp_path / "rome.yaml"
-    hparams.write_text(yaml.safe_dump(dict(alg_name="ROME", model_name="tiny", device=0, stats_dir=str(tmp_path),
-                                           **templates, **METHOD["ROME"])))
+    folder, hparams = tiny_model_folder_with_rome_yaml(tmp_path)
     records = tmp_path / "edits.json"
     records.write_text(json.dumps([
         {"case_id": 0, "prompt": "Toyota is a company from", "subject": "Toyota", "target_new": "Germany",

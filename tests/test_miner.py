@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from prune_plugin.cli import main
 from prune_plugin.datasets import load_edit_records
 from prune_plugin.miner import hard_subset
-from tiny_models import save_pretrained
+from edit_fixtures import tiny_model_folder_with_rome_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -30,15 +29,8 @@ def test_mining_ranks_records_restores_weights_and_writes_a_hardedit_file(tmp_pa
 
     if importlib.util.find_spec("easyeditor") is None:
         pytest.skip("easyeditor is not installed")
-    from test_easyedit_prune import ARCH, METHOD, tiny_model
-
     monkeypatch.chdir(tmp_path)
-    model, tok = tiny_model("llama")
-    folder = save_pretrained(model, tok, tmp_path / "tiny")
-    templates = {k: v for k, v in ARCH["llama"].items() if k != "build"}
-    hparams = tmp_path / "rome.yaml"
-    hparams.write_text(yaml.safe_dump(dict(alg_name="ROME", model_name="tiny", device=0, stats_dir=str(tmp_path),
-                                           **templates, **METHOD["ROME"])))
+    folder, hparams = tiny_model_folder_with_rome_yaml(tmp_path)
     data = tmp_path / "edits.json"
     data.write_text(json.dumps(RECORDS))
     out = tmp_path / "mined"
