@@ -31,7 +31,7 @@ SHAPES = [
 SMOKE_SHAPES = [("smoke", 96, 256)]
 RANK, SMOKE_RANK = 100, 5
 NOMINAL_SMAX = 12.0  # make_original's spike scale; smax(W0) comes out near 11, so F acts on part of dW
-PROBES = ["begin", "fingerprint", "smax", "restrain_matrices", "restrain_parameter", "condition_number", "official"]
+PROBES = ["begin", "fingerprint", "smax", "restrain_matrices", "previous_path", "condition_number", "official"]
 LARGE = 20_000_000  # elements: above this smax(W0) is not recomputed by the restraint probes
 
 
@@ -42,7 +42,6 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
     from prune_plugin.config import PruneConfig
     from prune_plugin.originals import fingerprint
     from prune_plugin.plugins.prune import restrain_matrices
-    from prune_plugin.restraint import restrain_parameter
     from prune_plugin.session import EditSession
     from prune_plugin.spectrum import condition_number, largest_singular_value
 
@@ -80,7 +79,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         measure(lambda: largest_singular_value(w0))
     elif what == "condition_number":
         measure(lambda: condition_number(w))
-    elif what in ("restrain_matrices", "restrain_parameter"):
+    elif what in ("restrain_matrices", "previous_path"):
         model = one_matrix_model(w0)
         session = EditSession(model, cfg, ["weight"])
         session.begin()
@@ -92,10 +91,10 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
             figures = measure(lambda: restrain_matrices(session, ["weight"]))
             out["n_restrained"] = figures["weight"].n_restrained
         else:
-            fig, _ = measure(lambda: restrain_parameter(model.weight, session.originals["weight"],
-                                                        session.smax.get("weight", w0), math.e,
-                                                        never_enlarge=False, rank_hint=rank))
-            out["n_restrained"] = fig.n_restrained
+            from .previous_path import previous_restrain_matrices
+
+            figures = measure(lambda: previous_restrain_matrices(session, ["weight"]))
+            out["n_restrained"] = figures["weight"]["n_restrained"]
     elif what == "official":
         from .official import official_restrain
 
@@ -145,7 +144,7 @@ def run(args) -> dict[str, Any]:
                     r.update(_run_probes([what], m, n, rank, dtype, timeout=7200))
             size = r["begin"]["matrix_bytes"]
             kept = r["begin"]["kept_w0_bytes"] + r["begin"]["kept_state_bytes"]
-            old, lean = r["restrain_matrices"]["peak_extra"], r["restrain_parameter"]["peak_extra"]
+            lean, old = r["restrain_matrices"]["peak_extra"], r["previous_path"]["peak_extra"]
             r["kept_bytes"] = kept
             records.append(r)
 
@@ -158,7 +157,7 @@ def run(args) -> dict[str, Any]:
             rows.append([
                 f"{label} {m}x{n}", dtype, fmt_bytes(size),
                 f"{fmt_bytes(r['begin']['kept_w0_bytes'])} + {r['begin']['kept_state_bytes']} B",
-                cell("begin"), cell("fingerprint"), cell("smax"), cell("restrain_matrices"), cell("restrain_parameter"),
+                cell("begin"), cell("fingerprint"), cell("smax"), cell("restrain_matrices"), cell("previous_path"),
                 f"{old / lean:.1f}x" if old and lean else "-", cell("condition_number"), cell("official"),
             ])
             ok_kept = kept <= size + 1024
@@ -167,16 +166,17 @@ def run(args) -> dict[str, Any]:
                                    f"+ {r['begin']['kept_state_bytes']} B of state, no factors kept: "
                                    f"{'MET' if ok_kept else 'MISSED'}"})
             checks.append({"what": f"restrained {label} {dtype}", "kind": "agreement",
-                           "ok": r["restrain_matrices"]["n_restrained"] > 0 and r["restrain_parameter"]["n_restrained"] > 0,
+                           "ok": r["restrain_matrices"]["n_restrained"] > 0 and r["previous_path"]["n_restrained"] > 0,
                            "text": f"memory probes of {label} {dtype} really restrained (n_restrained > 0)"})
     header = ["matrix", "dtype", "matrix size", "kept per matrix (W0 + state)", "begin() peak", "fingerprint peak",
-              "smax(W0) once peak", "restrain_matrices peak", "lean peak", "lean gain", "cond. number peak",
+              "smax(W0) once peak", "restrain_matrices peak", "previous path peak", "gain", "cond. number peak",
               "official peak"]
     notes += [
         f"peak = extra resident memory during one call (VmHWM reset before, read after; a fresh process per cell, except in --smoke); "
         f"(Nx) = multiple of the matrix's own size. dW of rank {rank}; per-edit state (smax cached, rank hint set).",
-        "restrain_matrices = the per-edit path of prune_plugin/plugins/prune.py as it is; lean = "
-        "prune_plugin.restraint.restrain_parameter (dW in one float64 buffer, W0 + U F V^T written back in row blocks).",
+        "restrain_matrices = the per-edit path of prune_plugin/plugins/prune.py (restraint.restrain_parameter: dW in "
+        "one float64 buffer, W0 + U F V^T written back in row blocks); previous path = the one before commit 2496cd1 "
+        "(benchmarks/previous_path.py: dense float64 dW, result and W0 copies); gain = previous / current peak.",
         "cond. number = one spectrum.condition_number call; restrain_matrices makes two per edit when telemetry "
         "records condition numbers (prune_telemetry_condition, on by default when telemetry is on); not part of the other columns.",
         "begin() = W0 copy + one fingerprint per target; a rollback guard additionally snapshots each target before "

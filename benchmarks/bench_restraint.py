@@ -7,8 +7,9 @@ values. The plugin runs through what an edit runs (`restrain_matrices` of an `Ed
 - first edit: a fresh session, so smax(W0) is computed and there is no rank hint (one-off per matrix);
 - per edit: the same session again, smax(W0) cached and the rank hint of the previous call set.
 
-`restrain_parameter` (the lean in-place form in prune_plugin.restraint) is timed on the same input as well. The
-official baseline (benchmarks/official.py) does its three dense SVD-family calls every time.
+The per-edit path before commit 2496cd1 (benchmarks/previous_path.py: dense float64 dW and result around the same
+restraint core) is timed on the same input too, to show what the lean path gained. The official baseline
+(benchmarks/official.py) does its three dense SVD-family calls every time.
 """
 from __future__ import annotations
 
@@ -69,11 +70,12 @@ def run(args) -> dict[str, Any]:
 
     from prune_plugin.config import PruneConfig
     from prune_plugin.plugins.prune import restrain_matrices
-    from prune_plugin.restraint import restrain_dense_reference, restrain_parameter
+    from prune_plugin.restraint import restrain_dense_reference
     from prune_plugin.session import EditSession
     from prune_plugin.spectrum import largest_singular_value
 
     from .official import official_restrain
+    from .previous_path import previous_restrain_matrices
 
     shapes = select_shapes(SMOKE_SHAPES if args.smoke else SHAPES, args.shape)
     ranks = SMOKE_RANKS if args.smoke else RANKS
@@ -124,11 +126,9 @@ def run(args) -> dict[str, Any]:
                                       repeats=repeats, warmup=1, setup=put_w, collect=big)
             fig = figures["weight"]
             w_plugin = param.detach().clone()
-            lean, (lean_fig, _) = timed(
-                lambda: restrain_parameter(param, session.originals["weight"], smax0, ALPHA, never_enlarge=False,
-                                           rank_hint=session.rank_hints["weight"]),
-                repeats=repeats, warmup=1, setup=put_w, collect=big)
-            err_lean = relative_difference(param.detach().double() - w0.double(), w_plugin.double() - w0.double())
+            previous, _ = timed(lambda: previous_restrain_matrices(session, ["weight"]),
+                                repeats=repeats, warmup=1, setup=put_w, collect=big)
+            err_previous = relative_difference(param.detach().double() - w0.double(), w_plugin.double() - w0.double())
             d_plugin = w_plugin.double() - w0.double()
             d_official = w_official.double() - w0.double()
             err_dw = relative_difference(d_plugin, d_official)
@@ -146,11 +146,12 @@ def run(args) -> dict[str, Any]:
                 "path": fig.path, "n_restrained": fig.n_restrained, "official_n_restrained": info["n_restrained"],
                 "smax0": smax0, "smax_seconds": smax_timing.median,
                 "first_edit_seconds": first_timing.median, "per_edit_seconds": per_edit.median,
-                "lean_seconds": lean.median, "official_seconds": official_timing.median,
+                "previous_seconds": previous.median, "official_seconds": official_timing.median,
                 "official_runs": len(official_timing.samples),
                 "official_parts": {"svd_delta": parts.svd_delta, "svd_w0": parts.svd_original, "matrix_rank": parts.matrix_rank},
-                "ratio_per_edit": ratio_edit, "ratio_first_edit": ratio_first, "ratio_lean": official_timing.median / lean.median,
-                "err_dw_vs_official": err_dw, "err_w_vs_official": err_w, "err_lean_vs_plugin": err_lean,
+                "ratio_per_edit": ratio_edit, "ratio_first_edit": ratio_first,
+                "ratio_previous": official_timing.median / previous.median,
+                "err_dw_vs_official": err_dw, "err_w_vs_official": err_w, "err_previous_vs_plugin": err_previous,
                 "err_dw_plugin_vs_reference": err_ref_plugin, "err_dw_official_vs_reference": err_ref_official,
                 "spread_per_edit": per_edit.spread,
             }
@@ -158,21 +159,23 @@ def run(args) -> dict[str, Any]:
             rows.append([
                 f"{label} {m}x{n}", r, f"{fig.path} r={fig.rank} ({info['rank']})", f"{fig.n_restrained} ({info['n_restrained']})",
                 fmt_seconds(smax_timing.median), fmt_seconds(first_timing.median), fmt_seconds(per_edit.median),
-                fmt_seconds(lean.median), f"{fmt_seconds(official_timing.median)} (n={len(official_timing.samples)})",
-                fmt_ratio(ratio_edit), fmt_ratio(ratio_first), fmt_ratio(official_timing.median / lean.median),
-                fmt_err(err_dw), fmt_err(err_w), fmt_err(err_lean),
+                f"{fmt_seconds(official_timing.median)} (n={len(official_timing.samples)})",
+                fmt_ratio(ratio_edit), fmt_ratio(ratio_first), fmt_seconds(previous.median),
+                fmt_ratio(official_timing.median / previous.median),
+                fmt_err(err_dw), fmt_err(err_w), fmt_err(err_previous),
                 "-" if err_ref_plugin is None else f"{err_ref_plugin:.1e} / {err_ref_official:.1e}",
             ])
             del w, model, param, session, holder, w_plugin, w_official, d_plugin, d_official
         del w0, w0_np
     header = ["matrix", "rank dW", "path, rank (official)", "restrained (official)", "smax(W0) once",
-              "plugin 1st edit", "plugin per edit", "lean per edit", "official", "ratio/edit", "ratio 1st",
-              "ratio lean", "rel dW vs off.", "rel W vs off.", "lean vs plugin", "rel dW vs f64 ref (plugin/off.)"]
+              "plugin 1st edit", "plugin per edit", "official", "ratio/edit", "ratio 1st", "previous path per edit",
+              "ratio previous", "rel dW vs off.", "rel W vs off.", "previous vs plugin", "rel dW vs f64 ref (plugin/off.)"]
     checks = _checks(records, args.smoke)
     notes = notes + [
         "ratio = official median / plugin median on the same dW; 'per edit' = restrain_matrices with smax(W0) cached and "
         "the previous call's rank hint; '1st edit' = fresh session (smax(W0) computed, no hint).",
-        "'lean' = prune_plugin.restraint.restrain_parameter (in-place, one float64 buffer), same input and hint.",
+        "'previous path' = the per-edit path before commit 2496cd1 (benchmarks/previous_path.py), same input and hint; "
+        "'previous vs plugin' = rel dW between their results.",
         "rel dW = ||dW_plugin - dW_official||_F / ||dW_official||_F with dW = W_restrained - W0; rel W the same on W.",
         "official n=1: a single measured call (no warm-up), because one call exceeded the time budget "
         f"({args.budget:.0f} s for {repeats} repeats); otherwise median of {repeats} after one warm-up.",
@@ -184,7 +187,7 @@ def run(args) -> dict[str, Any]:
 def _checks(records: list[dict], smoke: bool) -> list[dict]:
     checks = []
     for r in records:
-        agree = r["err_dw_vs_official"] <= TARGET_AGREEMENT and r["err_lean_vs_plugin"] <= 1e-7
+        agree = r["err_dw_vs_official"] <= TARGET_AGREEMENT and r["err_previous_vs_plugin"] <= 1e-7
         same_rank = r["rank_found"] == r["official_rank"] and r["n_restrained"] == r["official_n_restrained"]
         checks.append({"what": f"agreement {r['label']} rank {r['rank']}", "ok": bool(agree and same_rank),
                        "text": f"agreement {r['label']} r={r['rank']}: rel dW {r['err_dw_vs_official']:.1e} (<= 1e-5: "
@@ -197,6 +200,6 @@ def _checks(records: list[dict], smoke: bool) -> list[dict]:
             checks.append({"what": f"target 4096x11008 rank {r['rank']}", "ok": bool(ok), "kind": "target",
                            "text": f"TARGET 4096x11008 r={r['rank']}: >= 100x and <= 1e-5: "
                                    f"{'MET' if ok else 'MISSED'} ({r['ratio_per_edit']:.0f}x per edit, "
-                                   f"{r['ratio_first_edit']:.0f}x first edit, {r['ratio_lean']:.0f}x lean, "
+                                   f"{r['ratio_first_edit']:.0f}x first edit; previous path {r['ratio_previous']:.0f}x; "
                                    f"rel dW {r['err_dw_vs_official']:.1e})"})
     return checks

@@ -7,7 +7,7 @@
         --originals /tmp/old_originals.py --spectrum /tmp/old_spectrum.py [--shape 576x1536 ...] [--repeats 3]
 
 Times the same calls on the same inputs with the old files and the current ones, and checks the results agree:
-restrain_delta (no rank hint, and with the hint), fingerprint, largest_singular_value.
+restrain_delta (no rank hint, and with the hint), fingerprint, largest_singular_value, condition_number.
 """
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def main(argv=None) -> int:
                 t_new, s_new = timed(lambda: new_spectrum.largest_singular_value(w0), repeats=1 if big else args.repeats, warmup=0 if big else 1)
                 rows.append([f"{m}x{n}", "-", "largest_singular_value", fmt_seconds(t_old.median), fmt_seconds(t_new.median),
                              fmt_ratio(t_old.median / t_new.median), f"{abs(s_old / s_new - 1):.0e}"])
+                t_old, c_old = timed(lambda: old.condition_number(w0), repeats=1 if big else args.repeats, warmup=0 if big else 1)
+                t_new, c_new = timed(lambda: new_spectrum.condition_number(w0), repeats=1 if big else args.repeats, warmup=0 if big else 1)
+                rows.append([f"{m}x{n}", "-", "condition_number", fmt_seconds(t_old.median), fmt_seconds(t_new.median),
+                             fmt_ratio(t_old.median / t_new.median), f"{abs(c_old / c_new - 1):.0e}"])
             if args.originals:
                 old = load(args.originals, "old_originals")
                 t_old, _ = timed(lambda: old.fingerprint(w0), repeats=args.repeats, warmup=1)

@@ -1,6 +1,8 @@
 """Spectral figures of weight matrices: smax(W0) (computed once per matrix) and condition numbers."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Below this many elements a float64 singular-value pass is as cheap as anything else. Above it the Gram route is
@@ -10,13 +12,17 @@ _DENSE_LIMIT = 1 << 16
 _GRAM_BLOCK_ELEMENTS = 1 << 22
 
 
-def largest_singular_value(weight: torch.Tensor) -> float:
-    """smax(W) in float64. Larger matrices go through the Gram matrix of the smaller side (m^2 n, one eigvalsh):
-    exact to float64 round-off for the largest value, and several times cheaper than a dense SVD. The Gram matrix
-    is accumulated from float64 blocks of W, so no float64 copy of the whole matrix is made."""
+#: Largest condition number condition_number() takes from the Gram matrix. eigvalsh's absolute error on W W^T is
+#: about sqrt(n) eps smax^2, so smin comes out with a relative error near 0.5 sqrt(n) eps kappa^2: ~6e-7 at
+#: kappa = 1e4 for n = 11008. Better-conditioned matrices (trained weights are far below) keep the fast route;
+#: worse ones get a dense singular-value pass.
+_GRAM_MAX_CONDITION = 1e4
+
+
+def _gram(weight: torch.Tensor) -> torch.Tensor:
+    """W W^T or W^T W, whichever is smaller, in float64, accumulated from float64 blocks of W (so no float64 copy
+    of the whole matrix is made). Its eigenvalues are the squares of W's min(m, n) singular values."""
     w = weight.detach()
-    if w.numel() <= _DENSE_LIMIT:
-        return float(torch.linalg.svdvals(w.to(torch.float64))[0])
     if w.shape[0] > w.shape[1]:
         w = w.mT  # Gram of the smaller side: W^T W = (W^T)(W^T)^T
     small, large = w.shape
@@ -25,12 +31,31 @@ def largest_singular_value(weight: torch.Tensor) -> float:
     for start in range(0, large, step):
         block = w[:, start:start + step].to(torch.float64)
         gram.addmm_(block, block.mT)
-    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+    return gram
+
+
+def largest_singular_value(weight: torch.Tensor) -> float:
+    """smax(W) in float64. Larger matrices go through the Gram matrix of the smaller side (m^2 n, one eigvalsh):
+    exact to float64 round-off for the largest value, and several times cheaper than a dense SVD."""
+    w = weight.detach()
+    if w.numel() <= _DENSE_LIMIT:
+        return float(torch.linalg.svdvals(w.to(torch.float64))[0])
+    return float(torch.linalg.eigvalsh(_gram(w))[-1].clamp_min(0).sqrt())
 
 
 def condition_number(weight: torch.Tensor) -> float:
-    """smax(W) / smin(W) over the min(m, n) singular values, in float64 (inf for a rank-deficient W)."""
-    s = torch.linalg.svdvals(weight.detach().to(torch.float64))
+    """smax(W) / smin(W) over the min(m, n) singular values, in float64 (inf for a rank-deficient W).
+
+    Larger matrices go through the Gram matrix (as largest_singular_value; ~7x cheaper than svdvals at 4096x11008)
+    while the result is at most _GRAM_MAX_CONDITION, where it is accurate to about 1e-6 relative; otherwise, and
+    for small matrices, from a dense float64 singular-value pass."""
+    w = weight.detach()
+    if w.numel() > _DENSE_LIMIT:
+        eig = torch.linalg.eigvalsh(_gram(w))
+        lo, hi = float(eig[0]), float(eig[-1])
+        if lo > 0 and hi <= lo * _GRAM_MAX_CONDITION**2:
+            return math.sqrt(hi / lo)
+    s = torch.linalg.svdvals(w.to(torch.float64))
     smin = float(s[-1])
     return float(s[0]) / smin if smin > 0 else float("inf")
 

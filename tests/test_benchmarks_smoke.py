@@ -42,7 +42,7 @@ def test_plugin_and_official_baseline_agree(smoke):
     for r in records:
         assert r["rank_found"] == r["official_rank"] and r["n_restrained"] == r["official_n_restrained"], r
         assert r["err_dw_vs_official"] < 1e-5 and r["err_dw_plugin_vs_reference"] < 1e-6, r
-        assert r["err_lean_vs_plugin"] < 1e-7, r
+        assert r["err_previous_vs_plugin"] < 1e-7, r
     assert sum(r["n_restrained"] for r in records) > 0  # the restraint really acted
 
 
@@ -57,7 +57,7 @@ def test_memory_probes_report_kept_and_peak_bytes(smoke):
     (record,) = smoke[0]["benchmarks"]["memory"]["records"]
     size = record["begin"]["matrix_bytes"]
     assert record["begin"]["kept_w0_bytes"] == size and record["begin"]["kept_state_bytes"] < 1024
-    for probe in ("restrain_matrices", "restrain_parameter", "official", "fingerprint", "smax"):
+    for probe in ("restrain_matrices", "previous_path", "official", "fingerprint", "smax"):
         assert record[probe]["peak_extra"] is None or record[probe]["peak_extra"] >= 0
 
 

@@ -156,6 +156,27 @@ class TestSpectrum:
         w = torch.diag(torch.tensor([10.0, 2.0, 0.5]))
         assert condition_number(w) == pytest.approx(20.0)
 
+    @pytest.mark.parametrize("seed", range(3))
+    def test_condition_number_through_the_gram_matrix_matches_a_float64_svd(self, monkeypatch, seed):
+        import prune_plugin.spectrum as spectrum
+
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(70, 120, generator=g)  # fresh float32 input, well conditioned (kappa ~ 10)
+        monkeypatch.setattr(spectrum, "_DENSE_LIMIT", 10)
+        s = torch.linalg.svdvals(w.double())
+        assert spectrum.condition_number(w) == pytest.approx((s[0] / s[-1]).item(), rel=1e-9)
+
+    def test_ill_conditioned_matrices_fall_back_to_a_dense_svd(self, monkeypatch):
+        import prune_plugin.spectrum as spectrum
+
+        # kappa = 1e7: beyond what the Gram route resolves (it would lose smin to round-off)
+        q1, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+        q2, _ = torch.linalg.qr(torch.randn(90, 60, dtype=torch.float64))
+        w = q1 @ torch.diag(torch.logspace(0, -7, 60, dtype=torch.float64)) @ q2.mT
+        monkeypatch.setattr(spectrum, "_DENSE_LIMIT", 10)
+        assert spectrum.condition_number(w) == pytest.approx(1e7, rel=1e-6)
+        assert spectrum.condition_number(torch.zeros(40, 50)) == float("inf")
+
     def test_smax_cache_computes_once_per_name(self):
         cache = SmaxCache()
         w = torch.eye(3) * 4
