@@ -48,8 +48,11 @@ def condition_number(weight: torch.Tensor) -> float:
 
     Larger matrices go through the Gram matrix (as largest_singular_value; ~7x cheaper than svdvals at 4096x11008)
     while the result is at most _GRAM_MAX_CONDITION, where it is accurate to about 1e-6 relative; otherwise, and
-    for small matrices, from a dense float64 singular-value pass."""
+    for small matrices, from a dense float64 singular-value pass. Raises FloatingPointError on non-finite values,
+    which have no spectrum (a diverged edit leaves them; torch would raise an opaque LinAlgError)."""
     w = weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        raise FloatingPointError("non-finite values in the matrix: it has no condition number")
     if w.numel() > _DENSE_LIMIT:
         eig = torch.linalg.eigvalsh(_gram(w))
         lo, hi = float(eig[0]), float(eig[-1])

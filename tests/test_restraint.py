@@ -177,6 +177,10 @@ class TestSpectrum:
         assert spectrum.condition_number(w) == pytest.approx(1e7, rel=1e-6)
         assert spectrum.condition_number(torch.zeros(40, 50)) == float("inf")
 
+    def test_condition_number_of_non_finite_weights_is_a_clear_error(self):
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            condition_number(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
     def test_smax_cache_computes_once_per_name(self):
         cache = SmaxCache()
         w = torch.eye(3) * 4

@@ -138,15 +138,21 @@ def test_unknown_target_is_a_clear_error(model):
         EditSession(model, PruneConfig(prune=True), ["model.layers.9.mlp.down_proj.weight"])
 
 
-def test_non_finite_edit_is_refused_and_weights_are_not_rewritten(model):
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
+@pytest.mark.parametrize("telemetry", [False, True], ids=["plain", "telemetry-with-condition-numbers"])
+def test_non_finite_edit_is_refused_and_weights_are_not_rewritten(model, tmp_path, telemetry):
+    w0 = model.get_parameter(TARGET).detach().clone()
+    config = PruneConfig(prune=True, prune_mode="online",
+                         prune_telemetry=str(tmp_path / "t.jsonl") if telemetry else None)
+    session = EditSession(model, config, [TARGET])
     session.before_edit()
     with torch.no_grad():
-        model.get_parameter(TARGET)[0, 0] = float("nan")
+        model.get_parameter(TARGET)[0, 0] = float("nan")  # what a diverged ROME edit writes
     broken = model.get_parameter(TARGET).detach().clone()
-    with pytest.raises(FloatingPointError, match=TARGET):
+    with pytest.raises(FloatingPointError, match=f"{TARGET}: the edit left non-finite values"):
         session.after_edit({})
     assert torch.equal(model.get_parameter(TARGET)[1:], broken[1:])
+    session.restore()
+    assert torch.equal(model.get_parameter(TARGET), w0)
 
 
 class TestTelemetry:

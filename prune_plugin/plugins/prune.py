@@ -40,14 +40,15 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
             if name not in session.smax:  # once per matrix, on the weight's device; reuse that copy below
                 original = original.to(param.device)
             smax0 = session.smax.get(name, original)
-            cond_before = condition_number(param) if session.wants_condition else None
             try:
+                cond_before = condition_number(param) if session.wants_condition else None
                 result, wrote = restrain_parameter(
                     param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
                     rank_hint=session.rank_hints.get(name, 0), write=write,
                 )
-            except FloatingPointError as err:
-                raise FloatingPointError(f"{name}: {err}") from None
+            except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
+                raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
+                                         "restrained (session.restore() gives back W0)") from None
             session.rank_hints[name] = result.rank
             cond_after = (condition_number(param) if wrote else cond_before) if session.wants_condition else None
         if result.n_guarded and write:
