@@ -5,8 +5,9 @@ batched forward pass over the same sentences.
   HFLM around the in-memory model, task loading, requests, forward passes, metric), on the whole corpus.
 - sampler: prune_plugin.perplexity.sentence_perplexities (tokenize, pad, forward, masked token NLL), what the
   collapse guard runs after every edit, on its 20-sentence sample and on the whole corpus.
-- floor: the forward pass alone over pre-tokenized, padded batches of the same sentences (no tokenization, no loss):
-  no scorer can be faster than it. Target: throughput >= 0.8 x the floor.
+- floor: the forward pass alone over the batches the sampler builds (longest first, right padded), tokenized
+  ahead of time (no tokenization, no loss): no scorer batching this way can be faster than it. Target: throughput
+  >= 0.8 x the floor.
 
 Both scorers' perplexities are checked against the floor's logits (lm-eval's mean_ppl against the mean of the
 per-sentence values).
@@ -61,21 +62,32 @@ def build_models(smoke: bool, sentences: list[str]):
 
 
 def floor_batches(tok, texts: list[str], batch_size: int):
-    """The same batches sentence_perplexities builds (no special tokens, right padding), tokenized ahead of time."""
+    """The batches sentence_perplexities builds (no special tokens, longest first, right padding), tokenized
+    ahead of time: [(input_ids, mask, rows)], rows = the sentences' indices in `texts`."""
     import torch
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = []
-    for start in range(0, len(texts), batch_size):
-        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[start:start + batch_size]]
-        width = max(len(s) for s in ids)
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        batches.append((input_ids, mask))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids = torch.full((len(rows), len(ids[rows[0]])), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(rows):
+            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            mask[row, :len(ids[i])] = 1
+        batches.append((input_ids, mask, rows))
     return batches
+
+
+def _in_text_order(batches, per_batch):
+    import torch
+
+    out = torch.empty(sum(len(rows) for _, _, rows in batches), dtype=torch.float64)
+    for (_, _, rows), values in zip(batches, per_batch):
+        out[rows] = values
+    return out
 
 
 @__import__("torch").no_grad()
@@ -86,13 +98,14 @@ def proposed_sampler(model, tok, texts: list[str], batch_size: int):
     import torch
 
     out = []
-    for input_ids, mask in floor_batches(tok, texts, batch_size):
+    batches = floor_batches(tok, texts, batch_size)
+    for input_ids, mask, _ in batches:
         logits = model(input_ids=input_ids, attention_mask=mask).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1).double()
         scored = mask[:, 1:].double()
         out.append(torch.exp((nll * scored).sum(1) / scored.sum(1)))
-    return torch.cat(out)
+    return _in_text_order(batches, out)
 
 
 def floor_perplexities(batches, logits):
@@ -100,11 +113,11 @@ def floor_perplexities(batches, logits):
     import torch
 
     out = []
-    for (ids, mask), lg in zip(batches, logits):
+    for (ids, mask, _), lg in zip(batches, logits):
         ce = torch.nn.functional.cross_entropy(lg[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none").double()
         scored = mask[:, 1:].double()
         out.append(torch.exp((ce * scored).sum(1) / scored.sum(1)))
-    return torch.cat(out)
+    return _in_text_order(batches, out)
 
 
 def lmeval_collapse_ppl(model, tok, texts: list[str], batch: int, workdir: Path) -> float:
@@ -141,11 +154,11 @@ def run(args) -> dict[str, Any]:
         for case, count, batch in cases:
             texts = sentences[:: max(1, len(sentences) // count)][:count]
             batches = floor_batches(tok, texts, batch)
-            tokens = sum(int(a.sum()) for _, a in batches)
+            tokens = sum(int(a.sum()) for _, a, _ in batches)
 
             @torch.no_grad()
             def floor():
-                return [model(input_ids=i, attention_mask=a).logits for i, a in batches]
+                return [model(input_ids=i, attention_mask=a).logits for i, a, _ in batches]
 
             t_floor, logits = timed(floor, repeats=args.repeats, warmup=1)
             reference = floor_perplexities(batches, logits)

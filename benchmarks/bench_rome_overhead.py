@@ -65,30 +65,25 @@ def _setup(smoke: bool, workdir: Path):
     return model, tok, base, records[:SMOKE_EDITS], "tests' tiny Llama (hidden 32, 4 layers)"
 
 
+def _recording_time(fn, into: list[float]):
+    """fn, appending the seconds of each call to `into`."""
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    return call
+
+
 def _timed_editor(editor, session):
     """Re-wrap the editor's apply_algo so ROME alone and the whole wrapped call are timed separately."""
     from prune_plugin.easyedit.editor import wrap_apply_algo
 
     rome = editor.apply_algo.__wrapped__  # the algorithm the plugin's wrapper calls (functools.wraps)
     own, whole = [], []
-
-    def timed_rome(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return rome(*args, **kwargs)
-        finally:
-            own.append(time.perf_counter() - t0)
-
-    wrapped = wrap_apply_algo(timed_rome, session)
-
-    def timed_whole(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            whole.append(time.perf_counter() - t0)
-
-    editor.apply_algo = timed_whole
+    editor.apply_algo = _recording_time(wrap_apply_algo(_recording_time(rome, own), session), whole)
     return own, whole
 
 

@@ -72,6 +72,15 @@ def test_batching_and_padding_do_not_change_the_numbers(lm):
     assert torch.allclose(one_by_one, batched, rtol=1e-5)
 
 
+def test_values_come_back_in_the_order_given_although_batches_are_formed_by_length(lm):
+    model, tok = lm
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in SENTENCES]
+    assert lengths != sorted(lengths, reverse=True)  # so length batching really reorders them
+    batched = sentence_perplexities(model, tok, SENTENCES, batch_size=3)
+    alone = torch.cat([sentence_perplexities(model, tok, [t]) for t in SENTENCES])
+    assert torch.allclose(batched, alone, rtol=1e-5)
+
+
 def test_sample_is_spread_evenly_and_deterministic():
     assert guard_sample(list(range(10)), 3) == [0, 3, 6]
     assert guard_sample(list(range(2)), 5) == [0, 1]
