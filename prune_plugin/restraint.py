@@ -16,8 +16,8 @@ matrix's own device and is written back in the parameter's dtype.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Union
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Union
 
 import torch
 
@@ -88,8 +88,8 @@ def rank_tolerance(s0: float, shape: tuple[int, int], storage_dtype: torch.dtype
 
 
 @dataclass
-class Restraint:
-    """Outcome of restraining one matrix: the figures telemetry reports, and how they were obtained."""
+class RestraintFigures:
+    """The scalar figures of restraining one matrix (what telemetry reports of it)."""
 
     smax_original: float
     smax_delta: float
@@ -98,6 +98,16 @@ class Restraint:
     n_restrained: int
     n_guarded: int
     path: Literal["zero", "lowrank", "dense"]
+
+    def scalar_figures(self) -> dict[str, Any]:
+        """These figures alone, as keyword arguments (a subclass's extra fields left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(RestraintFigures)}
+
+
+@dataclass
+class Restraint(RestraintFigures):
+    """Outcome of restraining one matrix: its figures, and the spectrum before and after F."""
+
     singular_values: torch.Tensor  # the kept (rank-truncated) spectrum of dW, float64, descending
     restrained_values: torch.Tensor  # F applied to it
 

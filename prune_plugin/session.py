@@ -25,26 +25,20 @@ import torch
 from . import hookspecs
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
+from .restraint import RestraintFigures
 from .spectrum import SmaxCache
 
 LOG = logging.getLogger("prune_plugin")
 
 
 @dataclass
-class MatrixFigures:
+class MatrixFigures(RestraintFigures):
     """What telemetry reports for one edited matrix after one edit (condition numbers may be None: not computed)."""
 
     name: str
-    smax_original: float
-    smax_delta: float
-    delta_fro: float
-    rank: int
-    n_restrained: int
-    n_guarded: int
     restrained: bool
     cond_before: float | None = None
     cond_after: float | None = None
-    path: str = ""
     seconds: float = 0.0
 
 

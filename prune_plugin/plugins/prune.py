@@ -57,11 +57,8 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
                 "kept them unchanged (prune_never_enlarge: false reproduces the official formula)",
                 PruneEnlargeWarning, stacklevel=2,
             )
-        figures[name] = MatrixFigures(
-            name=name, smax_original=smax0, smax_delta=result.smax_delta, delta_fro=result.delta_fro,
-            rank=result.rank, n_restrained=result.n_restrained, n_guarded=result.n_guarded, restrained=wrote,
-            cond_before=cond_before, cond_after=cond_after, path=result.path, seconds=time.perf_counter() - t0,
-        )
+        figures[name] = MatrixFigures(**result.scalar_figures(), name=name, restrained=wrote, cond_before=cond_before,
+                                      cond_after=cond_after, seconds=time.perf_counter() - t0)
         if wrote:
             LOG.info("PRUNE %s: %d of %d singular values restrained (smax(dW) %.4g -> %.4g, smax(W0) %.4g)",
                      name, result.n_restrained, result.rank, result.smax_delta, float(result.restrained_values.max()), smax0)
