@@ -29,9 +29,17 @@ log = logging.getLogger(__name__)
 
 
 def task_dir() -> Path:
-    """The folder holding this plugin's lm-eval task YAMLs (installed as the package prune_plugin.tasks)."""
-    import prune_plugin.tasks
-
+    """The folder holding this plugin's lm-eval task YAMLs: the package prune_plugin.tasks once installed, or the
+    repository's tasks/ folder when prune_plugin is imported from a source checkout (e.g. `python -m ...` run in
+    the repository root puts the checkout's prune_plugin/ ahead of the installed one, and only the installation
+    maps tasks/ into it)."""
+    try:
+        import prune_plugin.tasks
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parent.parent / "tasks"
+        if (checkout / "hardedit").is_dir() and (checkout / "collapse_ppl").is_dir():
+            return checkout
+        raise
     return Path(prune_plugin.tasks.__file__).resolve().parent
 
 
@@ -103,6 +111,8 @@ def entry_point_task_dirs(entry_points: Iterable[EntryPoint] | None = None) -> l
 
 
 def _dirs_of(ep: EntryPoint) -> list[Path]:
+    if ep.value == f"{__package__}.tasks":  # this plugin's own: also found from a source checkout
+        return [task_dir()]
     if ep.attr is None:
         module = importlib.import_module(ep.module)
         locations = list(getattr(module, "__path__", None) or [os.path.dirname(module.__file__)])

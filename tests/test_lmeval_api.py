@@ -84,6 +84,21 @@ def test_task_dir_holds_both_task_folders():
     assert (folder / "collapse_ppl" / "collapse_ppl_paper.yaml").is_file()
 
 
+def test_tasks_are_found_when_prune_plugin_is_imported_from_the_source_checkout():
+    # `python -m benchmarks.run` in the repository root imports the checkout's prune_plugin/, which has no tasks
+    # subpackage (the installation maps tasks/ into it): the tasks/ folder beside it is used instead.
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import prune_plugin, prune_plugin.lmeval as l; print(prune_plugin.__file__); "
+            "print(l.task_dir()); print(l.entry_point_task_dirs()[0] if l.entry_point_task_dirs() else '')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    package, folder, *_ = done.stdout.splitlines()
+    assert (Path(folder) / "hardedit" / "hardedit.yaml").is_file()
+
+
 def test_entry_point_names_a_module_whose_folder_holds_the_tasks():
     ep = EntryPoint(name="prune_plugin", value="prune_plugin.tasks", group=lmeval.ENTRY_POINT_GROUP)
     assert lmeval.entry_point_task_dirs([ep]) == [lmeval.task_dir()]
