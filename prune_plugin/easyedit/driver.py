@@ -3,18 +3,16 @@ in-memory model, and edit sequentially (``keep_original_weight=False`` in 0.0.1.
 in the current EasyEdit)."""
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 from typing import Any, Sequence
 
 import torch
 
+from .legacy import import_easyeditor, is_legacy_easyeditor
+
 
 def easyeditor_module() -> Any:
     """The installed easyeditor, imported with the CPU compat where the packaged 0.0.1.dev0 needs it."""
-    from .legacy import import_easyeditor
-
     return import_easyeditor()
 
 
@@ -32,14 +30,10 @@ def load_hparams(path: str | os.PathLike) -> Any:
     return cls.from_hparams(os.fspath(path))
 
 
-def is_legacy(easyeditor: Any) -> bool:
-    return "sequential_edit" not in inspect.signature(easyeditor.BaseEditor.edit).parameters
-
-
 def build_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> Any:
     """A BaseEditor editing `model` in place (the plugin's session is attached if the hparams switch it on)."""
     easyeditor = easyeditor_module()
-    if is_legacy(easyeditor):
+    if is_legacy_easyeditor(easyeditor):
         from .legacy import make_editor
 
         return make_editor(hparams, model, tok)
@@ -65,6 +59,7 @@ def edit_kwargs(records: Sequence[dict]) -> dict[str, Any]:
 
 def edit_sequentially(editor: Any, records: Sequence[dict], **kwargs: Any) -> list[dict]:
     """Apply the records one after another without restoring weights in between; returns EasyEdit's metrics."""
-    sequential = {"keep_original_weight": False} if is_legacy(easyeditor_module()) else {"sequential_edit": True}
+    sequential = ({"keep_original_weight": False} if is_legacy_easyeditor(easyeditor_module())
+                  else {"sequential_edit": True})
     metrics, _, _ = editor.edit(**edit_kwargs(records), **sequential, verbose=False, **kwargs)
     return metrics
