@@ -10,7 +10,6 @@ Bad options print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -161,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from .datasets import load_edit_records, load_reference_sentences
+    from .datasets import load_edit_records, load_reference_sentences, write_json
     from .easyedit.driver import build_editor, easyeditor_module, load_hparams
     from .mainjob import shipped_hparams
     from .miner import hard_subset, mine_hard_cases
@@ -176,9 +175,9 @@ def _mine(args: argparse.Namespace) -> int:
     mined = mine_hard_cases(editor, records, sentences)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ranked.json").write_text(json.dumps(mined, indent=2, ensure_ascii=False))
+    write_json(out / "ranked.json", mined)
     hard = hard_subset(mined, args.threshold)
-    (out / "hardedit.json").write_text(json.dumps(hard, indent=2, ensure_ascii=False))
+    write_json(out / "hardedit.json", hard)
     print(f"{len(hard)} of {len(mined)} records raised perplexity >= {args.threshold}x: {out / 'hardedit.json'}")
     for r in mined[:10]:
         print(f"  {r['ppl_ratio']:8.3f}x  {r['prompt']} -> {r['target_new']}")

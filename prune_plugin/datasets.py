@@ -90,6 +90,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataFormatError(path, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
 
 
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write `data` as indented UTF-8 JSON through a temporary file, so a reader never sees a half-written file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def load_edit_records(path: str | os.PathLike | None = None) -> list[dict]:
     """Edit records in CounterFact form, checked; `path=None` follows resolve_edit_records_path()."""
     path = resolve_edit_records_path(path)

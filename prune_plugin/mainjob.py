@@ -6,10 +6,8 @@ hparams YAML, written into the output folder, so `<out>/<arm>.yaml` reproduces i
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -77,7 +75,7 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     """Run both arms and return (and write) the results."""
     import yaml
 
-    from .datasets import load_edit_records, load_reference_sentences
+    from .datasets import load_edit_records, load_reference_sentences, write_json
     from .easyedit.driver import build_editor, easyeditor_module, edit_sequentially, load_hparams
     from .models import load_model
 
@@ -86,9 +84,9 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     records = load_edit_records(options.data)[: options.edits]
     sentences = load_reference_sentences()
     # The edited subset and an evaluation sample of the reference corpus, as files the lm-eval tasks load.
-    edited_path = _write_json(out / "edited_records.json", records)
+    edited_path = write_json(out / "edited_records.json", records)
     sample = sentences[:: max(1, len(sentences) // options.eval_sentences)][: options.eval_sentences]
-    eval_corpus = _write_json(out / "eval_sentences.json", [{"Corpus": "reference", "Text": t} for t in sample])
+    eval_corpus = write_json(out / "eval_sentences.json", [{"Corpus": "reference", "Text": t} for t in sample])
     metadata = {"hardedit_path": str(edited_path), "collapse_path": str(eval_corpus)}
 
     easyeditor = easyeditor_module()
@@ -132,7 +130,7 @@ def run_job(options: JobOptions) -> dict[str, Any]:
         for n, p in model.named_parameters():
             if not torch.equal(p, w0[n]):
                 raise RuntimeError(f"{n} differs from W0 after restoring: refusing to run the next arm")
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     table = format_table(results)
     (out / "table.md").write_text(table + "\n")
     from .plots import plot_arms
@@ -141,7 +139,7 @@ def run_job(options: JobOptions) -> dict[str, Any]:
                       metrics={n: _editing_metrics(a["metrics"]) for n, a in
                                [("unedited", {"metrics": results["unedited"]}), *results["arms"].items()]})
     results["plots"] = [str(p) for p in plots]
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     return results
 
 
@@ -215,9 +213,3 @@ def _seed(seed: int) -> None:
     except ImportError:
         pass
 
-
-def _write_json(path: Path, data: Any) -> Path:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)  # never a half-written results file
-    return path
