@@ -5,9 +5,9 @@ batched forward pass over the same sentences.
   HFLM around the in-memory model, task loading, requests, forward passes, metric), on the whole corpus.
 - sampler: prune_plugin.perplexity.sentence_perplexities (tokenize, pad, forward, masked token NLL), what the
   collapse guard runs after every edit, on its 20-sentence sample and on the whole corpus.
-- floor: the forward pass alone over the batches the sampler builds (longest first, right padded), tokenized
-  ahead of time (no tokenization, no loss): no scorer batching this way can be faster than it. Target: throughput
-  >= 0.8 x the floor.
+- floor: the forward pass alone over the batches the sampler builds (prune_plugin.perplexity.length_batches:
+  longest first, right padded), tokenized ahead of time (no tokenization, no loss): no scorer batching this way
+  can be faster than it. Target: throughput >= 0.8 x the floor.
 
 Both scorers' perplexities are checked against the floor's logits (lm-eval's mean_ppl against the mean of the
 per-sentence values).
@@ -21,9 +21,7 @@ word-level tokenizer trained on it.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,26 +59,6 @@ def build_models(smoke: bool, sentences: list[str]):
     return tok, models
 
 
-def floor_batches(tok, texts: list[str], batch_size: int):
-    """The batches sentence_perplexities builds (no special tokens, longest first, right padding), tokenized
-    ahead of time: [(input_ids, mask, rows)], rows = the sentences' indices in `texts`."""
-    import torch
-
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = tok(list(texts), add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        input_ids = torch.full((len(rows), len(ids[rows[0]])), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, i in enumerate(rows):
-            input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-            mask[row, :len(ids[i])] = 1
-        batches.append((input_ids, mask, rows))
-    return batches
-
-
 def _in_text_order(batches, per_batch):
     import torch
 
@@ -97,8 +75,10 @@ def proposed_sampler(model, tok, texts: list[str], batch_size: int):
     Same tokenization and batches (tokenized inside the timer, as the sampler does); same numbers."""
     import torch
 
+    from prune_plugin.perplexity import length_batches
+
     out = []
-    batches = floor_batches(tok, texts, batch_size)
+    batches = length_batches(tok, texts, batch_size)
     for input_ids, mask, _ in batches:
         logits = model(input_ids=input_ids, attention_mask=mask).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -139,7 +119,7 @@ def run(args) -> dict[str, Any]:
 
     import torch
 
-    from prune_plugin.perplexity import sentence_perplexities
+    from prune_plugin.perplexity import length_batches, sentence_perplexities
 
     logging.getLogger("lm-eval").setLevel(logging.WARNING)  # one INFO block per evaluate() call otherwise
     sentences = load_sentences()
@@ -153,7 +133,7 @@ def run(args) -> dict[str, Any]:
     for model_name, model in models:
         for case, count, batch in cases:
             texts = sentences[:: max(1, len(sentences) // count)][:count]
-            batches = floor_batches(tok, texts, batch)
+            batches = length_batches(tok, texts, batch)
             tokens = sum(int(a.sum()) for _, a, _ in batches)
 
             @torch.no_grad()
