@@ -83,7 +83,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         model = one_matrix_model(w0)
         session = EditSession(model, cfg, ["weight"])
         session.begin()
-        session.smax._values["weight"] = largest_singular_value(w0) if m * n < LARGE else NOMINAL_SMAX * 0.93
+        session.smax.put("weight", largest_singular_value(w0) if m * n < LARGE else NOMINAL_SMAX * 0.93)
         session.rank_hints["weight"] = rank  # the steady state of a sequence: the previous edit's rank is known
         with torch.no_grad():
             model.weight.copy_(w)

@@ -60,7 +60,7 @@ def run(args) -> dict[str, Any]:
         model = one_matrix_model(w0)
         session = EditSession(model, config, ["weight"])
         session.begin()
-        session.smax.get("weight", session.originals["weight"])  # cached, as after the first edit
+        session.smax.put("weight", smax0)  # cached, as after the first edit (computed once above, not per count)
         param = model.weight
 
         def setup(hint: int) -> None:

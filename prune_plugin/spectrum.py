@@ -74,6 +74,10 @@ class SmaxCache:
             self._values[name] = largest_singular_value(original)
         return self._values[name]
 
+    def put(self, name: str, value: float) -> None:
+        """Record a value already computed for this W0 (e.g. by a caller that timed the computation)."""
+        self._values[name] = float(value)
+
     def __contains__(self, name: str) -> bool:
         return name in self._values
 

@@ -186,6 +186,8 @@ class TestSpectrum:
         w = torch.eye(3) * 4
         assert cache.get("a", w) == pytest.approx(4.0)
         assert cache.get("a", torch.eye(3)) == pytest.approx(4.0)  # cached: W0 never changes
+        cache.put("b", 7.0)  # a value the caller already computed is used as is
+        assert "b" in cache and cache.get("b", torch.eye(3)) == 7.0
 
     def test_rank_tolerance_follows_numpy_for_float32_and_rounding_for_bf16(self):
         assert rank_tolerance(2.0, (10, 30), torch.float32, 0.0) == pytest.approx(2.0 * 30 * torch.finfo(torch.float32).eps)
