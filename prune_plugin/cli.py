@@ -162,7 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 def _mine(args: argparse.Namespace) -> int:
     from .datasets import load_edit_records, load_reference_sentences, write_json
     from .easyedit.driver import build_editor, easyeditor_module, load_hparams
-    from .mainjob import shipped_hparams
+    from .mainjob import prepare_statistics, shipped_hparams
     from .miner import hard_subset, mine_hard_cases
     from .models import load_model
     from .plugins.guard import guard_sample
@@ -170,8 +170,11 @@ def _mine(args: argparse.Namespace) -> int:
     easyeditor_module()
     records = load_edit_records(args.data)[: args.limit]
     model, tok = load_model(args.model)
-    editor = build_editor(load_hparams(args.hparams or shipped_hparams(args.method)), model, tok)
-    sentences = guard_sample(load_reference_sentences(), args.sentences)
+    hparams = load_hparams(args.hparams or shipped_hparams(args.method))
+    corpus = load_reference_sentences()
+    prepare_statistics(model, tok, hparams, corpus)  # MEMIT's covariance, as the main job does
+    editor = build_editor(hparams, model, tok)
+    sentences = guard_sample(corpus, args.sentences)
     mined = mine_hard_cases(editor, records, sentences)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,9 @@ def run_job(options: JobOptions) -> dict[str, Any]:
         base_yaml.update(BUDGET_OVERRIDES.get(options.method, {}))
     if base_yaml.get("alg_name") != options.method:
         raise ValueError(f"{options.hparams}: alg_name is {base_yaml.get('alg_name')!r}, not {options.method!r}")
-    _prepare_statistics(model, tok, base_yaml, sentences, load_hparams, out)
+    hparams_path = options.hparams or shipped_hparams(options.method)
+    if prepare_statistics(model, tok, load_hparams(hparams_path), sentences):
+        base_yaml["stats_dir"] = str(statistics_dir())  # where prepare_statistics put them; the arms' YAMLs say so
 
     results: dict[str, Any] = {"options": asdict(options), "records": len(records), "arms": {}}
     LOG.info("evaluating the unedited model")
@@ -143,24 +145,27 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     return results
 
 
-def _prepare_statistics(model, tok, base_yaml, sentences, load_hparams, out: Path) -> None:
-    """MEMIT (and ROME with mom2_adjustment) need key covariance statistics: computed here from the reference
-    corpus, since there is no dataset hub, into the stats_dir EasyEdit reads."""
-    needs = base_yaml.get("alg_name") == "MEMIT" or base_yaml.get("mom2_adjustment")
-    if not needs:
-        return
-    from .easyedit.covariance import covariance_path, precompute_covariance
+def statistics_dir() -> Path:
+    """Where the plugin keeps the key covariance statistics it computes (a cache shared by runs)."""
     from .models import cache_root
 
-    base_yaml["stats_dir"] = str(cache_root() / "stats")
-    probe = out / "stats-probe.yaml"
-    probe.write_text(__import__("yaml").safe_dump(base_yaml, sort_keys=False))
-    hparams = load_hparams(probe)
-    probe.unlink()
+    return cache_root() / "stats"
+
+
+def prepare_statistics(model, tok, hparams: Any, sentences) -> bool:
+    """MEMIT (and ROME with mom2_adjustment) need key covariance statistics, which EasyEdit would download from the
+    dataset hub: compute the missing ones from the reference corpus into statistics_dir(), and point `hparams` at
+    it. Returns whether the method needs them (False: `hparams` is left as it is)."""
+    if not (hparams.alg_name == "MEMIT" or getattr(hparams, "mom2_adjustment", False)):
+        return False
+    from .easyedit.covariance import covariance_path, precompute_covariance
+
+    hparams.stats_dir = str(statistics_dir())
     missing = [layer for layer in hparams.layers if not covariance_path(model, hparams, layer).exists()]
     if missing:
         LOG.info("computing key covariance for layers %s from %d reference sentences", missing, len(sentences))
         precompute_covariance(model, tok, hparams, sentences)
+    return True
 
 
 def _evaluate(model, tok, metadata) -> dict[str, float]:

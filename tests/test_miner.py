@@ -46,6 +46,33 @@ def test_mining_ranks_records_restores_weights_and_writes_a_hardedit_file(tmp_pa
     assert [r["prompt"] for r in hard] == [r["prompt"] for r in ranked]
 
 
+def test_mining_with_memit_computes_its_covariance_locally_instead_of_downloading_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import yaml
+
+    if importlib.util.find_spec("easyeditor") is None:
+        pytest.skip("easyeditor is not installed")
+    from test_legacy_compat import ARCH, METHOD
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRUNE_PLUGIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a download attempt fails instead of reaching the hub
+    folder, _ = tiny_model_folder_with_rome_yaml(tmp_path)
+    templates = {k: v for k, v in ARCH["llama"].items() if k != "build"}
+    memit = tmp_path / "memit.yaml"
+    memit.write_text(yaml.safe_dump(dict(alg_name="MEMIT", model_name="tiny", device=0,
+                                         stats_dir=str(tmp_path / "no-stats-here"), **templates, **METHOD["MEMIT"])))
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(RECORDS[:2]))
+    code = main(["mine", "--method", "MEMIT", "--model", str(folder), "--hparams", str(memit), "--data", str(data),
+                 "--sentences", "4", "--threshold", "0", "--out", str(tmp_path / "mined")])
+    assert code == 0, capsys.readouterr().err
+    assert len(json.loads((tmp_path / "mined" / "ranked.json").read_text())) == 2
+    assert sorted(p.name for p in (tmp_path / "cache" / "stats").rglob("*.npz")) == [
+        f"model.layers.{layer}.mlp.down_proj_float32_mom2_100.npz" for layer in METHOD["MEMIT"]["layers"]]
+
+
 def test_the_hard_subset_keeps_records_at_or_above_the_threshold_with_fresh_ids():
     mined = [dict(RECORDS[0], ppl_ratio=3.0), dict(RECORDS[1], ppl_ratio=1.5), dict(RECORDS[2], ppl_ratio=1.1)]
     hard = hard_subset(mined, 1.5)
