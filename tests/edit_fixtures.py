@@ -1,10 +1,16 @@
 """A tiny model saved as a Hugging Face folder, with a ROME hparams YAML for it: what the CLI tests pass as
 --model and --hparams."""
+import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tiny_models import save_pretrained
+
+# find_spec, not an import: the packaged easyeditor only imports through prune_plugin's compat layer.
+requires_easyeditor = pytest.mark.skipif(importlib.util.find_spec("easyeditor") is None,
+                                         reason="easyeditor is not installed")
 
 
 def tiny_model_folder_with_rome_yaml(tmp_path: Path) -> tuple[Path, Path]:

@@ -6,7 +6,7 @@ import yaml
 
 from prune_plugin.cli import main
 from prune_plugin.plugins.telemetry import read_telemetry
-from edit_fixtures import tiny_model_folder_with_rome_yaml
+from edit_fixtures import requires_easyeditor, tiny_model_folder_with_rome_yaml
 
 
 def run_cli(capsys, *argv):
@@ -51,11 +51,8 @@ def test_a_foreign_model_needs_its_hparams(capsys, tmp_path):
 
 
 @pytest.mark.slow
+@requires_easyeditor
 def test_main_job_runs_both_arms_and_writes_table_json_and_plots(capsys, tmp_path, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("easyeditor is not installed")
     monkeypatch.chdir(tmp_path)
     folder, hparams = tiny_model_folder_with_rome_yaml(tmp_path)
     records = tmp_path / "edits.json"

@@ -7,7 +7,7 @@ import torch
 from prune_plugin.cli import main
 from prune_plugin.datasets import load_edit_records
 from prune_plugin.miner import hard_subset
-from edit_fixtures import tiny_model_folder_with_rome_yaml
+from edit_fixtures import requires_easyeditor, tiny_model_folder_with_rome_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +24,8 @@ RECORDS = [
 ]
 
 
+@requires_easyeditor
 def test_mining_ranks_records_restores_weights_and_writes_a_hardedit_file(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("easyeditor is not installed")
     monkeypatch.chdir(tmp_path)
     folder, hparams = tiny_model_folder_with_rome_yaml(tmp_path)
     data = tmp_path / "edits.json"
@@ -46,13 +43,10 @@ def test_mining_ranks_records_restores_weights_and_writes_a_hardedit_file(tmp_pa
     assert [r["prompt"] for r in hard] == [r["prompt"] for r in ranked]
 
 
+@requires_easyeditor
 def test_mining_with_memit_computes_its_covariance_locally_instead_of_downloading_it(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     import yaml
 
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("easyeditor is not installed")
     from test_legacy_compat import ARCH, METHOD
 
     monkeypatch.chdir(tmp_path)
@@ -79,11 +73,8 @@ def test_the_hard_subset_keeps_records_at_or_above_the_threshold_with_fresh_ids(
     assert [r["case_id"] for r in hard] == [0, 1] and "ppl_ratio" not in hard[0]
 
 
+@requires_easyeditor
 def test_the_editor_model_is_restored_bit_exactly_after_each_record(tmp_path, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("easyeditor is not installed")
     from prune_plugin.easyedit import legacy
     from prune_plugin.miner import mine_hard_cases
     from test_easyedit_prune import tiny_model, write_yaml
