@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .restraint import Alpha, parse_alpha
+from .restraint import Alpha, parse_alpha, parse_rank_rule
 
 PREFIX = "prune"
 MODES = ("final", "online")
@@ -37,6 +37,7 @@ class PruneConfig:
     prune_alpha: Alpha = math.e
     prune_mode: str = "final"
     prune_never_enlarge: bool = True
+    prune_rank_rule: str = "exact"
     prune_originals_device: str = "same"
     prune_targets: list[str] | None = None
     prune_telemetry: str | None = None
@@ -48,6 +49,17 @@ class PruneConfig:
     prune_guard_corpus: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the file the settings were read from, for messages
+
+    def __post_init__(self) -> None:
+        # Built directly (PruneConfig(prune_mode="Final")) the values get the same checks, normalisation and
+        # messages as from a YAML file; from_mapping has already checked them (with file and line) and the checks
+        # are idempotent on their own results.
+        where = f"{self.source}: " if self.source else ""
+        for key, check in _CHECKS.items():
+            try:
+                setattr(self, key, check(getattr(self, key)))
+            except (TypeError, ValueError) as err:
+                raise PruneConfigError(f"{where}{key}: {err}") from None
 
     @property
     def active(self) -> bool:
@@ -162,6 +174,7 @@ _CHECKS = {
     "prune_alpha": parse_alpha,
     "prune_mode": _choice(MODES),
     "prune_never_enlarge": _bool,
+    "prune_rank_rule": parse_rank_rule,
     "prune_originals_device": _choice(ORIGINALS_DEVICES),
     "prune_targets": _names,
     "prune_telemetry": _optional_path,

@@ -1,33 +1,53 @@
 """PRUNE's restraint F and its application to the accumulated edit dW = W - W0. Pure torch.
 
-Official semantics (arXiv 2405.16821 and its released code): take the SVD dW = U S V^T, truncate it to the
-numerical rank of dW, replace every singular value s >= smax(W0) by
+PRUNE (arXiv 2405.16821) takes the SVD dW = U S V^T and replaces every singular value s >= smax(W0) by
 
     F(s) = log_a(s) - log_a(smax(W0)) + smax(W0)        (or (s + smax(W0)) / 2 for the 'linear' variant)
 
-and recompose W = W0 + U_r F(S_r) V_r^T.
+Two rank rules (``rank_rule``, the YAML key ``prune_rank_rule``):
 
-Fast path: dW of sequential editing is low rank (ROME adds rank one per edit), so a randomized range finder
-recovers its exact SVD from a thin sketch. The sketch is accepted only with a certificate that the part it
-missed lies below the rank tolerance (so the official truncation would drop it too); otherwise the sketch
-grows, and past half the smaller dimension a dense float64 SVD is used. Everything runs in float64 on the
-matrix's own device and is written back in the parameter's dtype.
+- ``"exact"`` (default): the formula in float64 on the stored W and W0 over the whole spectrum. F leaves every
+  value below smax(W0) unchanged, so that is W + U_k (F(S_k) - S_k) V_k^T over the k values >= smax(W0): only the
+  top-k triplets of dW are needed, never its full spectrum, whatever the rank of dW (ROME's rank one per edit, FT's
+  dense updates). They come from randomized subspace iteration with Rayleigh-Ritz, accepted only with a
+  certificate: the residuals of the k triplets bound the error of the correction below a small fraction of the
+  storage dtype's rounding of W, and a bound on the (k+1)-th singular value proves that no value >= smax(W0) was
+  missed (exact from Frobenius norms when the block captures dW, otherwise a randomized norm bound that fails with
+  probability below 2.3e-10). Without a certificate the block grows, and a dense float64 SVD is the fallback.
+- ``"official"``: the released code's numbers digit for digit: W0 + U_r F(S_r) V_r^T truncated to numpy's float32
+  numerical rank of dW (r = #{s > s_1 max(m, n) eps32}). That truncation also drops the directions of dW below
+  the tolerance, which for float32 weights is float32 noise but for float64 (or a dW far below W's scale) are real
+  edit directions.
+
+Everything runs in float64 on the matrix's own device and is written back in the parameter's dtype.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import torch
 
 Alpha = Union[float, Literal["linear"]]
+RankRule = Literal["exact", "official"]
+RANK_RULES: tuple[str, ...] = ("exact", "official")
 
 #: The bases the official code ships, by the names its configs use.
 OFFICIAL_BASES: dict[str, float] = {"e": math.e, "2": 2.0, "1.5": 1.5, "1.2": 1.2}
 
 _OVERSAMPLE = 8
 _POWER_ESTIMATE_STEPS = 8
+#: Subspace iterations per block size before the block grows (each costs two passes over dW).
+_MAX_ITERATIONS = 24
+#: Relative float64 round-off allowed for in ||dW||_F^2 - ||B||_F^2 (a difference of two accumulated sums).
+_ROUNDOFF = 1e-13
+#: The randomized norm bound: ||E|| <= (ALPHA sqrt(2/pi) max_i ||(E^T E)^q w_i||)^(1/2q) for PROBES Gaussian w_i
+#: fails with probability at most ALPHA^-PROBES (Halko, Martinsson, Tropp 2011, lemma 4.1, applied to (E^T E)^q):
+#: 4^-16 = 2.3e-10. With q = 8 the bound is at most 7.5 % above the estimate for a dominant top value.
+_NORM_ALPHA = 4.0
+_NORM_PROBES = 16
+_NORM_POWER = 8
 
 
 def parse_alpha(value: object) -> Alpha:
@@ -47,6 +67,13 @@ def parse_alpha(value: object) -> Alpha:
     if not math.isfinite(value) or value <= 1:
         raise ValueError(f"must be a log base > 1 (F is only a restraint for a > 1), got {value!r}")
     return float(value)
+
+
+def parse_rank_rule(value: object) -> RankRule:
+    """'exact' or 'official' (any case); raise ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lower() in RANK_RULES:
+        return value.strip().lower()  # type: ignore[return-value]
+    raise ValueError(f"must be one of {', '.join(RANK_RULES)}, got {value!r}")
 
 
 def restrain_values(
@@ -74,22 +101,35 @@ def restrain_values(
     return out, int(over.sum()), n_guarded
 
 
-def rank_tolerance(s0: float, shape: tuple[int, int], storage_dtype: torch.dtype, scale: float) -> float:
-    """Singular values of dW at or below this are noise, dropped as the official code drops them.
+def correction_lipschitz(smax_original: float, alpha: Alpha) -> float:
+    """A bound on |d/ds (F(s) - s)| for s >= smax(W0) (also for min(F(s), s) - s): how much an error in a
+    singular value or vector of dW moves the correction."""
+    if alpha == "linear":
+        return 0.5
+    return max(1.0, abs(1.0 / (smax_original * math.log(alpha)) - 1.0))
 
-    numpy's matrix_rank default on the float32 delta the official code builds (s0 * max(m, n) * eps32), raised to
-    the rounding floor of the storage dtype (eps * largest |entry| * (sqrt(m) + sqrt(n))) so that bf16/fp16
-    rounding of W is not mistaken for edit directions.
-    """
-    m, n = shape
-    eps32 = torch.finfo(torch.float32).eps
-    floor = torch.finfo(storage_dtype).eps * scale * (math.sqrt(m) + math.sqrt(n)) if storage_dtype.is_floating_point else 0.0
-    return max(s0 * max(m, n) * eps32, floor)
+
+def official_rank_tolerance(s0: float, shape: tuple[int, int]) -> float:
+    """numpy's matrix_rank default on the float32 delta the official code builds: s0 * max(m, n) * eps32."""
+    return s0 * max(shape) * torch.finfo(torch.float32).eps
+
+
+def storage_accuracy(dtype: torch.dtype) -> float:
+    """Relative Frobenius error the exact rule allows itself on the restrained W: 1/32 of the dtype's unit
+    round-off (so the written matrix is the reference rounded to the dtype, up to a few last-bit ties), and
+    1e-10 for float64 (well inside the 1e-6 asked of it)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return max(eps / 32, 1e-10)
 
 
 @dataclass
 class RestraintFigures:
-    """The scalar figures of restraining one matrix (what telemetry reports of it)."""
+    """The scalar figures of restraining one matrix (what telemetry reports of it).
+
+    rank: the singular triplets of dW the restraint used: with rank_rule 'exact' the k values >= smax(W0) (the
+    only ones F changes), with 'official' the numerical rank of dW. smax_delta: the largest singular value of dW
+    (for 'exact' with k = 0, the best estimate the certificate needed; it is below smax(W0)).
+    """
 
     smax_original: float
     smax_delta: float
@@ -106,14 +146,35 @@ class RestraintFigures:
 
 @dataclass
 class Restraint(RestraintFigures):
-    """Outcome of restraining one matrix: its figures, and the spectrum before and after F."""
+    """Outcome of restraining one matrix: its figures, and the computed spectrum of dW before and after F."""
 
-    singular_values: torch.Tensor  # the kept (rank-truncated) spectrum of dW, float64, descending
-    restrained_values: torch.Tensor  # F applied to it
+    singular_values: torch.Tensor  # the singular values of dW used (see `rank`), float64, descending
+    restrained_values: torch.Tensor  # F applied to them
 
     @property
     def changed(self) -> bool:
         return self.n_restrained > 0
+
+
+class Update(NamedTuple):
+    """The restrained matrix as base + U diag(values) V^T, base = W (keeps_delta) or W0.
+
+    exact rule: W + U_k diag(F(S_k) - S_k) V_k^T; official rule: W0 + U_r diag(F(S_r)) V_r^T."""
+
+    u: torch.Tensor
+    values: torch.Tensor
+    vt: torch.Tensor
+    keeps_delta: bool
+
+
+def _check_finite_delta(d: torch.Tensor, fro: float) -> None:
+    if not math.isfinite(fro) and not bool(torch.isfinite(d).all()):
+        raise FloatingPointError("the edit left non-finite values in the weights; nothing was restrained")
+
+
+def _check_threshold(smax_original: float) -> None:
+    if not (isinstance(smax_original, (int, float)) and math.isfinite(smax_original) and smax_original > 0):
+        raise ValueError(f"smax(W0) must be a finite positive number, got {smax_original!r}")
 
 
 def _truncated_svd_lowrank(
@@ -181,37 +242,124 @@ def _next_sketch_size(k: int, rank: int, s_top: float, resid_fro2: float, min_di
     return 2 * k
 
 
-def restrain_factors(
-    delta: torch.Tensor,
-    smax_original: float,
-    alpha: Alpha,
-    *,
-    never_enlarge: bool = True,
-    storage_dtype: torch.dtype = torch.float32,
-    scale: float | None = None,
-    rank_hint: int = 0,
-    seed: int = 0,
-    fro: float | None = None,
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, Restraint]:
-    """The restraint as factors: ((U_r, F(S_r), V_r^T) or None when nothing reaches smax(W0), figures).
+def _apply_right(d: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """d @ x_t^T for a short wide x_t (r x n). Formed as (x_t d^T)^T: the same product, but BLAS runs it two to
+    three times faster than a tall-times-skinny product on a row-major d."""
+    return (x_t @ d.mT).mT
 
-    The restrained dW is U_r diag(F(S_r)) V_r^T; keeping it factored lets a caller add it to W0 in row blocks
-    instead of materialising another m x n float64 matrix. `fro` is ||delta||_F when the caller already has it.
+
+def _norm_bound(d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: torch.Generator) -> float:
+    """An upper bound on ||E||_2, E = (I - U U^T) d (I - V V^T), that holds with probability >= 1 - 2.3e-10.
+
+    Power iteration on E^T E from _NORM_PROBES Gaussian vectors; the per-step norms are kept as logarithms, so
+    neither a large nor a vanishing E overflows."""
+    n = d.shape[1]
+    x = torch.randn(n, _NORM_PROBES, dtype=d.dtype, device=d.device, generator=generator)
+    log_norm = torch.zeros(_NORM_PROBES, dtype=d.dtype, device=d.device)
+    for _ in range(_NORM_POWER):
+        x = x - vt.mT @ (vt @ x)
+        y = _apply_right(d, x.mT)
+        y = y - u @ (u.mT @ y)
+        x = (y.mT @ d).mT
+        x = x - vt.mT @ (vt @ x)
+        norms = x.norm(dim=0).clamp_min(1e-300)
+        log_norm += norms.log()
+        x = x / norms
+    top = float(log_norm.max()) + math.log(_NORM_ALPHA * math.sqrt(2 / math.pi))
+    return math.exp(top / (2 * _NORM_POWER))
+
+
+def _top_triplets(
+    d: torch.Tensor, threshold: float, lipschitz: float, accuracy: float, block: int, generator: torch.Generator,
+    fro2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """(U_k, S_k, V_k^T, s_1) for the k singular values of d >= threshold, certified, or None (use a dense SVD).
+
+    With Q the block's orthonormal basis, B = Q^T d = Ub S Vt and the Ritz triplets (s_i, Q ub_i, v_i), the
+    residuals r_i = d v_i - s_i Q ub_i satisfy d^T (Q ub_i) = s_i v_i exactly, and:
+    - the correction's error is about lipschitz * ||R_k||_F (first order; angles times |F(s) - s|, which is at
+      most lipschitz times the gap to the values below the threshold), required <= accuracy / 2;
+    - s_i(d) >= s_i(B) >= threshold for i <= k (interlacing), and s_{k+1}(d) <= max(s_{k+1}(B), ||E_c||_2) +
+      ||R_c||_F for the first c >= k Ritz triplets and E_c = d deflated by them (Weyl): below the threshold,
+      exactly k values reach it.
+    ||E_c||_F^2 = ||d||_F^2 - sum_{i<=c} s_i^2 - ||R_c||_F^2 settles it when the block captures d (low rank);
+    otherwise _norm_bound.
     """
-    d = delta.to(torch.float64)
     m, n = d.shape
-    if fro is None:
-        fro = float(torch.linalg.vector_norm(d))
-    if fro == 0.0:
-        empty = d.new_zeros(0)
-        return None, Restraint(smax_original, 0.0, 0.0, 0, 0, 0, "zero", empty, empty)
-    if scale is None:
-        scale = _max_abs(d)
+    limit = min(m, n) // 2
+    while block <= limit:
+        omega_t = torch.randn(block, n, dtype=d.dtype, device=d.device, generator=generator)
+        y = _apply_right(d, omega_t)
+        del omega_t
+        for _ in range(_MAX_ITERATIONS):
+            q, _ = torch.linalg.qr(y)
+            ub, s, vt = _wide_svd(q.mT @ d)
+            k = int((s >= threshold).sum())
+            if k > block - _OVERSAMPLE // 2:
+                break  # saturated: more values may reach the threshold than the block holds
+            top = float(s[0])
+            below = float(s[k])
+            # Certificate from the Frobenius norm alone (no further pass): what the block misses bounds both the
+            # residuals and the rest.
+            missed = math.sqrt(max(fro2 - float(s.square().sum()), 0.0) + _ROUNDOFF * fro2)
+            if lipschitz * missed <= accuracy / 2 and max(below, missed) + missed < threshold:
+                return q @ ub[:, :k], s[:k], vt[:k], top
+            y = _apply_right(d, vt)  # d V: the residuals now, and the next subspace iterate
+            r = y - q @ (ub * s)
+            res = r.square().sum(0)
+            res_k = math.sqrt(float(res[:k].sum()))
+            slack = threshold - below
+            if lipschitz * res_k > accuracy / 2 or res_k > slack / 4:
+                continue  # not converged yet
+            # Deflate by every leading Ritz triplet that has converged well inside the slack.
+            cumulative = res.cumsum(0).sqrt()
+            c = max(k, int((cumulative <= slack / 4).sum()))
+            res_c = float(cumulative[c - 1]) if c else 0.0
+            rest_fro = math.sqrt(max(fro2 - float(s[:c].square().sum()) - res_c ** 2, 0.0) + _ROUNDOFF * fro2)
+            rest = rest_fro
+            if max(below, rest) + res_c >= threshold:
+                rest = _norm_bound(d, q @ ub[:, :c], vt[:c], generator)
+            if max(below, rest) + res_c < threshold:
+                return q @ ub[:, :k], s[:k], vt[:k], top
+            break  # too much of d near the threshold for this block: grow it
+        block *= 2
+    return None
+
+
+def _exact_update(
+    d: torch.Tensor, smax_original: float, alpha: Alpha, never_enlarge: bool, accuracy: float, block: int,
+    generator: torch.Generator, fro: float,
+) -> tuple[Update | None, Restraint]:
+    lipschitz = correction_lipschitz(smax_original, alpha)
+    found = _top_triplets(d, smax_original, lipschitz, accuracy, block, generator, fro * fro)
+    path: Literal["lowrank", "dense"] = "lowrank"
+    if found is None:
+        path = "dense"
+        u, s, vt = torch.linalg.svd(d, full_matrices=False)
+        k = int((s >= smax_original).sum())
+        found = (u[:, :k], s[:k], vt[:k], float(s[0]))
+        del u, vt
+    u, s, vt, top = found
+    new_s, n_restrained, n_guarded = restrain_values(s, smax_original, alpha, never_enlarge)
+    figures = Restraint(
+        smax_original=smax_original, smax_delta=top, delta_fro=fro, rank=len(s), n_restrained=n_restrained,
+        n_guarded=n_guarded, path=path, singular_values=s, restrained_values=new_s,
+    )
+    change = new_s - s
+    if n_restrained == 0 or not bool((change != 0).any()):
+        return None, figures
+    return Update(u, change, vt, keeps_delta=True), figures
+
+
+def _official_update(
+    d: torch.Tensor, smax_original: float, alpha: Alpha, never_enlarge: bool, rank_hint: int,
+    generator: torch.Generator, fro: float,
+) -> tuple[Update | None, Restraint]:
+    m, n = d.shape
 
     def tol_of(s0: float) -> float:
-        return rank_tolerance(s0, (m, n), storage_dtype, scale)
+        return official_rank_tolerance(s0, (m, n))
 
-    generator = torch.Generator(device=d.device).manual_seed(seed)
     svd = None
     limit = min(m, n) // 2
     k = max(rank_hint + 1 + _OVERSAMPLE, 2 * _OVERSAMPLE)
@@ -237,7 +385,45 @@ def restrain_factors(
     )
     if n_restrained == 0:
         return None, figures
-    return (u, new_s, vt), figures
+    return Update(u, new_s, vt, keeps_delta=False), figures
+
+
+def restrain_factors(
+    delta: torch.Tensor,
+    smax_original: float,
+    alpha: Alpha,
+    *,
+    never_enlarge: bool = True,
+    rank_rule: RankRule = "exact",
+    accuracy: float | None = None,
+    rank_hint: int = 0,
+    seed: int = 0,
+    fro: float | None = None,
+) -> tuple[Update | None, Restraint]:
+    """The restraint as an Update (None when nothing changes), and its figures.
+
+    The restrained matrix is base + U diag(values) V^T (see Update); keeping it factored lets a caller write it
+    in row blocks instead of materialising another m x n float64 matrix. `accuracy` is the absolute Frobenius
+    error the exact rule may make on the restrained matrix (default: storage_accuracy(float32) * ||delta||_F);
+    `rank_hint` is the rank found last time for this matrix, which sizes the first block; `fro` is ||delta||_F
+    when the caller already has it. Raises FloatingPointError on a non-finite delta.
+    """
+    rank_rule = parse_rank_rule(rank_rule)
+    _check_threshold(smax_original)
+    d = delta.to(torch.float64)
+    if fro is None:
+        fro = float(torch.linalg.vector_norm(d))
+    _check_finite_delta(d, fro)
+    if fro == 0.0:
+        empty = d.new_zeros(0)
+        return None, Restraint(smax_original, 0.0, 0.0, 0, 0, 0, "zero", empty, empty)
+    generator = torch.Generator(device=d.device).manual_seed(seed)
+    if rank_rule == "official":
+        return _official_update(d, smax_original, alpha, never_enlarge, rank_hint, generator, fro)
+    if accuracy is None:
+        accuracy = storage_accuracy(torch.float32) * fro
+    block = max(rank_hint + _OVERSAMPLE, 2 * _OVERSAMPLE)
+    return _exact_update(d, smax_original, alpha, never_enlarge, accuracy, block, generator, fro)
 
 
 def restrain_delta(
@@ -246,28 +432,34 @@ def restrain_delta(
     alpha: Alpha,
     *,
     never_enlarge: bool = True,
+    rank_rule: RankRule = "exact",
     storage_dtype: torch.dtype = torch.float32,
-    scale: float | None = None,
+    weight_norm: float | None = None,
     rank_hint: int = 0,
     seed: int = 0,
 ) -> tuple[torch.Tensor | None, Restraint]:
-    """Restrain dW. Returns (restrained dW in float64 or None when nothing reaches smax(W0), figures).
+    """Restrain dW. Returns (restrained dW in float64, or None when nothing changes, figures).
 
-    `scale` is the largest |entry| of W0/W (for the storage rounding floor); `rank_hint` the rank found last time
-    for this matrix, which sizes the first sketch.
+    `storage_dtype` and `weight_norm` (||W||_F; default ||delta||_F) size the exact rule's accuracy
+    (storage_accuracy(storage_dtype) * weight_norm); `rank_hint` the rank found last time for this matrix, which
+    sizes the first block. Raises FloatingPointError on a non-finite delta.
     """
-    factors, figures = restrain_factors(
-        delta, smax_original, alpha, never_enlarge=never_enlarge, storage_dtype=storage_dtype, scale=scale,
-        rank_hint=rank_hint, seed=seed,
+    d = delta.to(torch.float64)
+    fro = float(torch.linalg.vector_norm(d))
+    _check_finite_delta(d, fro)
+    accuracy = storage_accuracy(storage_dtype) * (weight_norm if weight_norm is not None else fro)
+    update, figures = restrain_factors(
+        d, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule, accuracy=accuracy,
+        rank_hint=rank_hint, seed=seed, fro=fro,
     )
-    if factors is None:
+    if update is None:
         return None, figures
-    u, new_s, vt = factors
-    return (u * new_s) @ vt, figures
+    low_rank = (update.u * update.values) @ update.vt
+    return (d + low_rank if update.keeps_delta else low_rank), figures
 
 
-#: Row blocks of restrain_parameter (W - W0 in, W0 + U F V^T out): about 16 MiB of float64. Much smaller blocks
-#: starve the write-back GEMM (23-row blocks of a 4096x11008 matrix: 0.9 s at rank 100, 7.7 s at rank 1000,
+#: Row blocks of restrain_parameter (W - W0 in, the restrained W out): about 16 MiB of float64. Much smaller
+#: blocks starve the write-back GEMM (23-row blocks of a 4096x11008 matrix: 0.9 s at rank 100, 7.7 s at rank 1000,
 #: against 0.3 s and 2.4 s for 256-row blocks).
 _BLOCK_ELEMENTS = 1 << 21
 
@@ -280,64 +472,62 @@ def restrain_parameter(
     alpha: Alpha,
     *,
     never_enlarge: bool = True,
+    rank_rule: RankRule = "exact",
     rank_hint: int = 0,
     seed: int = 0,
     write: bool = True,
 ) -> tuple[Restraint, bool]:
-    """Restrain one weight matrix in place: W <- W0 + U_r F(S_r) V_r^T. Returns (figures, whether W was written).
+    """Restrain one weight matrix in place. Returns (figures, whether W was written).
 
+    exact rule: W <- W + U_k (F(S_k) - S_k) V_k^T; official rule: W <- W0 + U_r F(S_r) V_r^T (module docstring).
     The lean form of ``W0 + restrain_delta(W - W0)``: the only m x n float64 buffer is dW itself (freed before the
     write-back); dW is formed and the restrained matrix written back in row blocks of about 16 MiB, directly in W's
-    dtype. W0 may live on another device than W (it is moved block by block). Raises FloatingPointError, leaving W
-    untouched, when dW has a non-finite entry.
+    dtype. W0 may live on another device than W (it is moved block by block, in its own dtype: once for the exact
+    rule, twice for the official one). Raises FloatingPointError, leaving W untouched, when dW has a non-finite
+    entry.
     """
     m, n = weight.shape
     rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
     w = weight.detach()
     d = torch.empty((m, n), dtype=torch.float64, device=w.device)
+    w_norm2 = 0.0
     for start in range(0, m, rows):
         # Row blocks: an in-place op between float64 and float32 tensors would first make a float64 copy of the
         # whole of W0; block by block that copy stays in cache (and W0 may sit on another device).
         block = d[start:start + rows]
         block.copy_(w[start:start + rows])
+        w_norm2 += float(block.square().sum())
         block.sub_(original[start:start + rows].to(w.device).to(torch.float64))  # moved in its own dtype
     fro = float(torch.linalg.vector_norm(d))
-    if not math.isfinite(fro) and not bool(torch.isfinite(d).all()):
-        raise FloatingPointError("the edit left non-finite values in the weights; nothing was restrained")
-    scale = max(_max_abs(original), _max_abs(w))
-    factors, figures = restrain_factors(
-        d, smax_original, alpha, never_enlarge=never_enlarge, storage_dtype=weight.dtype, scale=scale,
+    _check_finite_delta(d, fro)
+    accuracy = storage_accuracy(weight.dtype) * math.sqrt(w_norm2)
+    update, figures = restrain_factors(
+        d, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule, accuracy=accuracy,
         rank_hint=rank_hint, seed=seed, fro=fro,
     )
     del d
-    if not write or factors is None:
+    if not write or update is None:
         return figures, False
-    u, new_s, vt = factors
-    us = u * new_s
+    us = update.u * update.values
     for start in range(0, m, rows):
-        w0_rows = original[start:start + rows].to(weight.device).to(torch.float64)
-        weight[start:start + rows].copy_(torch.addmm(w0_rows, us[start:start + rows], vt))
+        base = weight[start:start + rows] if update.keeps_delta else original[start:start + rows].to(weight.device)
+        weight[start:start + rows].copy_(torch.addmm(base.to(torch.float64), us[start:start + rows], update.vt))
     return figures, True
 
 
-def _max_abs(t: torch.Tensor) -> float:
-    """max |t|, from one min/max reduction (no |t| temporary; several times faster than abs().max() on a CPU)."""
-    if t.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(t)
-    return max(-float(lo), float(hi))
-
-
 def restrain_dense_reference(
-    delta: torch.Tensor, smax_original: float, alpha: Alpha, *, never_enlarge: bool = False
+    delta: torch.Tensor, smax_original: float, alpha: Alpha, *, never_enlarge: bool = False,
+    rank_rule: RankRule = "official",
 ) -> torch.Tensor:
-    """The official recipe, literally: full float64 SVD, numpy's default rank, F on every value >= smax(W0).
+    """The restrained dW from a full float64 SVD: F on every value >= smax(W0), and with rank_rule 'official'
+    numpy's float32 rank truncation (the official recipe, literally), with 'exact' the whole spectrum.
 
-    Slow (a dense SVD of the whole matrix); the test suite compares the fast path against it.
+    Slow (a dense SVD of the whole matrix); the test suite compares the fast paths against it.
     """
     d = delta.to(torch.float64)
     u, s, vt = torch.linalg.svd(d, full_matrices=False)
-    tol = float(s[0]) * max(d.shape) * torch.finfo(torch.float32).eps
-    rank = int((s > tol).sum())
+    rank = len(s)
+    if parse_rank_rule(rank_rule) == "official":
+        rank = int((s > official_rank_tolerance(float(s[0]), d.shape)).sum())
     new_s, _, _ = restrain_values(s, smax_original, alpha, never_enlarge)
     return (u[:, :rank] * new_s[:rank]) @ vt[:rank]

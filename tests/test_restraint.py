@@ -1,4 +1,5 @@
-"""PRUNE's restraint: F itself, and the fast path against a literal float64 dense-SVD version of the official recipe."""
+"""PRUNE's restraint: F itself, and the fast paths of both rank rules against float64 dense-SVD references
+(the exact rule: the whole spectrum; the official rule: numpy's float32 rank truncation, literally)."""
 import math
 
 import pytest
@@ -9,9 +10,11 @@ from hypothesis import strategies as st
 from prune_plugin.restraint import (
     OFFICIAL_BASES,
     parse_alpha,
-    rank_tolerance,
+    official_rank_tolerance,
+    parse_rank_rule,
     restrain_delta,
     restrain_dense_reference,
+    restrain_parameter,
     restrain_values,
 )
 from prune_plugin.spectrum import SmaxCache, condition_number, largest_singular_value
@@ -83,21 +86,22 @@ class TestFastPathEqualsDenseReference:
         strength=st.floats(0.5, 30.0),
         alpha=st.sampled_from(ALPHAS),
         never_enlarge=st.booleans(),
+        rule=st.sampled_from(["exact", "official"]),
     )
-    def test_low_rank_updates(self, seed, m, n, rank, strength, alpha, never_enlarge):
+    def test_low_rank_updates(self, seed, m, n, rank, strength, alpha, never_enlarge, rule):
         w0, w = make_case(seed, m, n, min(rank, m, n), strength)
         smax0 = largest_singular_value(w0)
         delta = w - w0
-        fast, _ = restrain_delta(delta, smax0, alpha, never_enlarge=never_enlarge)
-        reference = restrain_dense_reference(delta, smax0, alpha, never_enlarge=never_enlarge)
+        fast, _ = restrain_delta(delta, smax0, alpha, never_enlarge=never_enlarge, rank_rule=rule)
+        reference = restrain_dense_reference(delta, smax0, alpha, never_enlarge=never_enlarge, rank_rule=rule)
         assert relative_error(delta.double() if fast is None else fast, reference) < 1e-5
 
     @settings(max_examples=10, deadline=None)
     @given(seed=st.integers(0, 10_000), m=st.integers(8, 60), n=st.integers(8, 60), alpha=st.sampled_from(ALPHAS))
-    def test_full_rank_updates(self, seed, m, n, alpha):
+    def test_full_rank_updates_official_rule(self, seed, m, n, alpha):
         w0, w = make_case(seed, m, n, min(m, n), 5.0)
         smax0 = largest_singular_value(w0)
-        fast, info = restrain_delta(w - w0, smax0, alpha)
+        fast, info = restrain_delta(w - w0, smax0, alpha, rank_rule="official")
         reference = restrain_dense_reference(w - w0, smax0, alpha, never_enlarge=True)
         s = torch.linalg.svdvals((w - w0).double())  # numpy's rank rule: a square one can drop its smallest value
         assert info.rank == int((s > s[0] * max(m, n) * torch.finfo(torch.float32).eps).sum()) >= min(m, n) - 1
@@ -106,31 +110,55 @@ class TestFastPathEqualsDenseReference:
     def test_embedded_model_shape_rank_ten_takes_the_sketch(self):
         w0, w = make_case(7, 576, 1536, 10, 8.0)
         smax0 = largest_singular_value(w0)
-        fast, info = restrain_delta(w - w0, smax0, 1.2, never_enlarge=False)
-        reference = restrain_dense_reference(w - w0, smax0, 1.2)
-        assert info.path == "lowrank" and info.rank == 10 and info.n_restrained > 0
-        assert relative_error(fast, reference) < 1e-5
+        for rule in ("exact", "official"):
+            fast, info = restrain_delta(w - w0, smax0, 1.2, never_enlarge=False, rank_rule=rule)
+            reference = restrain_dense_reference(w - w0, smax0, 1.2, rank_rule=rule)
+            s = torch.linalg.svdvals((w - w0).double())
+            assert info.path == "lowrank" and info.n_restrained == int((s >= smax0).sum()) > 0
+            assert info.rank == (10 if rule == "official" else info.n_restrained)  # exact: only what F changes
+            assert relative_error(fast, reference) < 1e-7
 
-    def test_rank_truncation_drops_directions_below_numpys_tolerance(self):
+    def test_official_rank_truncation_drops_directions_below_numpys_tolerance(self):
         w0, w = make_case(3, 40, 70, 3, 10.0, dtype=torch.float64)
         g = torch.Generator().manual_seed(1)
-        tiny = 1e-12 * torch.randn(40, 70, generator=g, dtype=torch.float64)  # far below s0 * max(m,n) * eps32
+        tiny = 1e-8 * torch.randn(40, 70, generator=g, dtype=torch.float64)  # far below s0 * max(m,n) * eps32
         delta = (w - w0) + tiny
         smax0 = largest_singular_value(w0)
-        fast, info = restrain_delta(delta, smax0, math.e, storage_dtype=torch.float64)
-        reference = restrain_dense_reference(delta, smax0, math.e, never_enlarge=True)
-        assert info.rank == 3
-        assert torch.linalg.matrix_rank(fast).item() == 3
-        assert relative_error(fast, reference) < 1e-5
+        official, info = restrain_delta(delta, smax0, math.e, rank_rule="official", storage_dtype=torch.float64)
+        assert info.rank == 3 and torch.linalg.matrix_rank(official).item() == 3
+        assert relative_error(official, restrain_dense_reference(delta, smax0, math.e, never_enlarge=True)) < 1e-5
+        # The exact rule keeps them: outside the restrained directions dW is left exactly as it is.
+        exact, _ = restrain_delta(delta, smax0, math.e, storage_dtype=torch.float64)
+        u, _, vt = torch.linalg.svd(delta)
+        outside_u, outside_v = u[:, 3:] @ u[:, 3:].mT, vt[3:].mT @ vt[3:]
+        assert relative_error(outside_u @ (exact - official) @ outside_v, outside_u @ tiny @ outside_v) < 1e-3
 
     def test_nothing_reaching_smax_leaves_the_matrix_alone(self):
         w0, w = make_case(5, 30, 50, 2, 0.01)
-        result, info = restrain_delta(w - w0, largest_singular_value(w0), math.e)
-        assert result is None and info.n_restrained == 0 and info.rank == 2
+        for rule, rank in (("official", 2), ("exact", 0)):
+            result, info = restrain_delta(w - w0, largest_singular_value(w0), math.e, rank_rule=rule)
+            assert result is None and info.n_restrained == 0 and info.rank == rank
 
     def test_zero_update_is_a_no_op(self):
         result, info = restrain_delta(torch.zeros(5, 7), 1.0, 2.0)
         assert result is None and info.path == "zero"
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+    def test_non_finite_input_is_a_clear_floating_point_error(self, bad):
+        delta = torch.ones(6, 9)
+        delta[2, 3] = bad
+        with pytest.raises(FloatingPointError, match="non-finite values"):
+            restrain_delta(delta, 1.0, math.e)
+        w0 = torch.zeros(6, 9)
+        weight = delta.clone()
+        with pytest.raises(FloatingPointError, match="non-finite values"):
+            restrain_parameter(weight, w0, 1.0, math.e)
+        assert torch.equal(weight.view(torch.int32), delta.view(torch.int32))  # left as it was
+
+    @pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf")])
+    def test_the_threshold_must_be_a_finite_positive_smax(self, bad):
+        with pytest.raises(ValueError, match="smax"):
+            restrain_delta(torch.ones(4, 5), bad, math.e)
 
     def test_restrained_spectrum_is_bounded_by_f_of_the_unrestrained_one(self):
         w0, w = make_case(11, 64, 96, 4, 20.0)
@@ -189,6 +217,10 @@ class TestSpectrum:
         cache.put("b", 7.0)  # a value the caller already computed is used as is
         assert "b" in cache and cache.get("b", torch.eye(3)) == 7.0
 
-    def test_rank_tolerance_follows_numpy_for_float32_and_rounding_for_bf16(self):
-        assert rank_tolerance(2.0, (10, 30), torch.float32, 0.0) == pytest.approx(2.0 * 30 * torch.finfo(torch.float32).eps)
-        assert rank_tolerance(2.0, (10, 30), torch.bfloat16, 1.0) > rank_tolerance(2.0, (10, 30), torch.float32, 1.0)
+    def test_official_rank_tolerance_is_numpys_float32_default(self):
+        assert official_rank_tolerance(2.0, (10, 30)) == pytest.approx(2.0 * 30 * torch.finfo(torch.float32).eps)
+
+    def test_rank_rule_names(self):
+        assert parse_rank_rule(" Official") == "official" and parse_rank_rule("exact") == "exact"
+        with pytest.raises(ValueError, match="exact, official"):
+            parse_rank_rule("numpy")

@@ -44,7 +44,7 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
                 cond_before = condition_number(param) if session.wants_condition else None
                 result, wrote = restrain_parameter(
                     param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
-                    rank_hint=session.rank_hints.get(name, 0), write=write,
+                    rank_rule=cfg.prune_rank_rule, rank_hint=session.rank_hints.get(name, 0), write=write,
                 )
             except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
                 raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
