@@ -40,14 +40,21 @@ _OVERSAMPLE = 8
 _POWER_ESTIMATE_STEPS = 8
 #: Subspace iterations per block size before the block grows (each costs two passes over dW).
 _MAX_ITERATIONS = 24
+#: A block whose last Ritz value is above this fraction of the k-th converges slowly (the error shrinks by about
+#: the ratio squared per iteration): it grows at once instead.
+_SLOW_RATIO = 0.7
+#: Subspace iterations on the k restrained triplets alone, once the count is certified (low-rank dW: the storage
+#: rounding of W is the only thing below them, so one step is enough).
+_REFINE_STEPS = 2
 #: Relative float64 round-off allowed for in ||dW||_F^2 - ||B||_F^2 (a difference of two accumulated sums).
 _ROUNDOFF = 1e-13
 #: The randomized norm bound: ||E|| <= (ALPHA sqrt(2/pi) max_i ||(E^T E)^q w_i||)^(1/2q) for PROBES Gaussian w_i
 #: fails with probability at most ALPHA^-PROBES (Halko, Martinsson, Tropp 2011, lemma 4.1, applied to (E^T E)^q):
-#: 4^-16 = 2.3e-10. With q = 8 the bound is at most 7.5 % above the estimate for a dominant top value.
-_NORM_ALPHA = 4.0
-_NORM_PROBES = 16
-_NORM_POWER = 8
+#: 16^-8 = 2.3e-10. With q = 10 the bound is 14 % above the estimate for a dominant top value (a flat top
+#: spectrum adds a little: p values at the top add a factor p^(1/4q)).
+_NORM_ALPHA = 16.0
+_NORM_PROBES = 8
+_NORM_POWER = 10
 
 
 def parse_alpha(value: object) -> Alpha:
@@ -150,6 +157,7 @@ class Restraint(RestraintFigures):
 
     singular_values: torch.Tensor  # the singular values of dW used (see `rank`), float64, descending
     restrained_values: torch.Tensor  # F applied to them
+    next_rank_hint: int = 0  # the rank_hint that sizes the next restraint of this matrix best
 
     @property
     def changed(self) -> bool:
@@ -269,11 +277,34 @@ def _norm_bound(d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: t
     return math.exp(top / (2 * _NORM_POWER))
 
 
+def _refine_top(
+    d: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, threshold: float, lipschitz: float,
+    accuracy: float, steps: int = _REFINE_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The k triplets made accurate by subspace iteration on them alone (k-column passes, no longer the whole
+    block), or None when that does not reach the accuracy in `steps` steps. Used once the count is certified:
+    Ritz values of d stay lower bounds of its singular values, so they must stay >= threshold."""
+    y = _apply_right(d, vt)
+    for step in range(steps + 1):
+        if lipschitz * float((y - u * s).norm()) <= accuracy / 2:
+            return u, s, vt
+        if step == steps:
+            return None
+        q, _ = torch.linalg.qr(y)
+        ub, s, vt = _wide_svd(q.mT @ d)
+        if float(s[-1]) < threshold:
+            return None
+        u = q @ ub
+        y = _apply_right(d, vt)
+    return None
+
+
 def _top_triplets(
     d: torch.Tensor, threshold: float, lipschitz: float, accuracy: float, block: int, generator: torch.Generator,
     fro2: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
-    """(U_k, S_k, V_k^T, s_1) for the k singular values of d >= threshold, certified, or None (use a dense SVD).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int] | None:
+    """(U_k, S_k, V_k^T, s_1, block size used) for the k singular values of d >= threshold, certified, or None
+    (then a dense SVD decides).
 
     With Q the block's orthonormal basis, B = Q^T d = Ub S Vt and the Ritz triplets (s_i, Q ub_i, v_i), the
     residuals r_i = d v_i - s_i Q ub_i satisfy d^T (Q ub_i) = s_i v_i exactly, and:
@@ -284,46 +315,63 @@ def _top_triplets(
       exactly k values reach it.
     ||E_c||_F^2 = ||d||_F^2 - sum_{i<=c} s_i^2 - ||R_c||_F^2 settles it when the block captures d (low rank);
     otherwise _norm_bound.
+    The block grows (keeping what it has found) when it is saturated or its last Ritz value is too close to the
+    k-th for the iteration to converge quickly: more columns then capture a low-rank dW whole.
     """
     m, n = d.shape
     limit = min(m, n) // 2
-    while block <= limit:
-        omega_t = torch.randn(block, n, dtype=d.dtype, device=d.device, generator=generator)
-        y = _apply_right(d, omega_t)
-        del omega_t
-        for _ in range(_MAX_ITERATIONS):
-            q, _ = torch.linalg.qr(y)
-            ub, s, vt = _wide_svd(q.mT @ d)
-            k = int((s >= threshold).sum())
-            if k > block - _OVERSAMPLE // 2:
-                break  # saturated: more values may reach the threshold than the block holds
-            top = float(s[0])
-            below = float(s[k])
-            # Certificate from the Frobenius norm alone (no further pass): what the block misses bounds both the
-            # residuals and the rest.
-            missed = math.sqrt(max(fro2 - float(s.square().sum()), 0.0) + _ROUNDOFF * fro2)
-            if lipschitz * missed <= accuracy / 2 and max(below, missed) + missed < threshold:
-                return q @ ub[:, :k], s[:k], vt[:k], top
-            y = _apply_right(d, vt)  # d V: the residuals now, and the next subspace iterate
-            r = y - q @ (ub * s)
-            res = r.square().sum(0)
-            res_k = math.sqrt(float(res[:k].sum()))
-            slack = threshold - below
-            if lipschitz * res_k > accuracy / 2 or res_k > slack / 4:
-                continue  # not converged yet
-            # Deflate by every leading Ritz triplet that has converged well inside the slack.
-            cumulative = res.cumsum(0).sqrt()
-            c = max(k, int((cumulative <= slack / 4).sum()))
-            res_c = float(cumulative[c - 1]) if c else 0.0
-            rest_fro = math.sqrt(max(fro2 - float(s[:c].square().sum()) - res_c ** 2, 0.0) + _ROUNDOFF * fro2)
-            rest = rest_fro
-            if max(below, rest) + res_c >= threshold:
-                rest = _norm_bound(d, q @ ub[:, :c], vt[:c], generator)
-            if max(below, rest) + res_c < threshold:
-                return q @ ub[:, :k], s[:k], vt[:k], top
-            break  # too much of d near the threshold for this block: grow it
-        block *= 2
-    return None
+    if block > limit:
+        return None
+    y = _apply_right(d, torch.randn(block, n, dtype=d.dtype, device=d.device, generator=generator))
+    iterations = 0
+    while True:
+        q, _ = torch.linalg.qr(y)
+        ub, s, vt = _wide_svd(q.mT @ d)
+        k = int((s >= threshold).sum())
+        slow = k > 0 and float(s[-1]) > _SLOW_RATIO * float(s[k - 1])
+        if k > block - _OVERSAMPLE // 2 or slow or iterations >= _MAX_ITERATIONS:
+            # Saturated, or a spectrum that continues too close below the k-th value, or no convergence: a
+            # larger block (the current one plus fresh random columns) or, past the limit, the dense SVD.
+            if 2 * block > limit:
+                return None
+            extra = _apply_right(d, torch.randn(block, n, dtype=d.dtype, device=d.device, generator=generator))
+            y = torch.cat([q, extra / extra.norm(dim=0).clamp_min(1e-300)], dim=1)
+            block, iterations = 2 * block, 0
+            continue
+        iterations += 1
+        top = float(s[0])
+        below = float(s[k])
+        # When the block captures d (low rank), the Frobenius norm of what it misses bounds both the residuals
+        # and the rest: the count is certified without a further pass, and the correction's accuracy needs at
+        # most the residuals of the k restrained triplets (a k-column pass).
+        missed = math.sqrt(max(fro2 - float(s.square().sum()), 0.0) + _ROUNDOFF * fro2)
+        if max(below, missed) + missed < threshold:
+            if lipschitz * missed <= accuracy / 2:
+                return q @ ub[:, :k], s[:k], vt[:k], top, block
+            refined = _refine_top(d, q @ ub[:, :k], s[:k], vt[:k], threshold, lipschitz, accuracy)
+            if refined is not None:
+                return (*refined, top, block)
+        y = _apply_right(d, vt)  # d V = d d^T U S^-1: the residuals now, and the next subspace iterate
+        ritz_u = q @ ub
+        r = y - ritz_u * s
+        res = r.square().sum(0)
+        res_k = math.sqrt(float(res[:k].sum()))
+        slack = threshold - below
+        if lipschitz * res_k > accuracy / 2 or res_k > slack / 4:
+            # Not converged yet: iterate with d d^T - mu I, mu = s_b^2 / 2, which maps the values the block
+            # cannot resolve, [0, s_b^2], onto [-mu, mu] and so damps them about twice as fast per step.
+            y = y * s - (0.5 * float(s[-1]) ** 2) * ritz_u
+            continue
+        # Deflate by every leading Ritz triplet that has converged well inside the slack.
+        cumulative = res.cumsum(0).sqrt()
+        c = max(k, int((cumulative <= slack / 4).sum()))
+        res_c = float(cumulative[c - 1]) if c else 0.0
+        rest = math.sqrt(max(fro2 - float(s[:c].square().sum()) - res_c ** 2, 0.0) + _ROUNDOFF * fro2)
+        if max(below, rest) + res_c >= threshold:
+            rest = _norm_bound(d, ritz_u[:, :c], vt[:c], generator)
+        if max(below, rest) + res_c < threshold:
+            return ritz_u[:, :k], s[:k], vt[:k], top, block
+        iterations = _MAX_ITERATIONS  # too much of d near the threshold for this block: grow it
 
 
 def _exact_update(
@@ -337,13 +385,14 @@ def _exact_update(
         path = "dense"
         u, s, vt = torch.linalg.svd(d, full_matrices=False)
         k = int((s >= smax_original).sum())
-        found = (u[:, :k], s[:k], vt[:k], float(s[0]))
+        found = (u[:, :k], s[:k], vt[:k], float(s[0]), 0)
         del u, vt
-    u, s, vt, top = found
+    u, s, vt, top, block_used = found
     new_s, n_restrained, n_guarded = restrain_values(s, smax_original, alpha, never_enlarge)
     figures = Restraint(
         smax_original=smax_original, smax_delta=top, delta_fro=fro, rank=len(s), n_restrained=n_restrained,
         n_guarded=n_guarded, path=path, singular_values=s, restrained_values=new_s,
+        next_rank_hint=max(block_used - _OVERSAMPLE, len(s)),
     )
     change = new_s - s
     if n_restrained == 0 or not bool((change != 0).any()):
@@ -382,6 +431,7 @@ def _official_update(
     figures = Restraint(
         smax_original=smax_original, smax_delta=float(s[0]) if len(s) else 0.0, delta_fro=fro, rank=len(s),
         n_restrained=n_restrained, n_guarded=n_guarded, path=path, singular_values=s, restrained_values=new_s,
+        next_rank_hint=len(s),
     )
     if n_restrained == 0:
         return None, figures
@@ -496,7 +546,7 @@ def restrain_parameter(
         # whole of W0; block by block that copy stays in cache (and W0 may sit on another device).
         block = d[start:start + rows]
         block.copy_(w[start:start + rows])
-        w_norm2 += float(block.square().sum())
+        w_norm2 += float(torch.linalg.vector_norm(block)) ** 2
         block.sub_(original[start:start + rows].to(w.device).to(torch.float64))  # moved in its own dtype
     fro = float(torch.linalg.vector_norm(d))
     _check_finite_delta(d, fro)

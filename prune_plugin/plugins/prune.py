@@ -49,7 +49,7 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
             except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
                 raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                          "restrained (session.restore() gives back W0)") from None
-            session.rank_hints[name] = result.rank
+            session.rank_hints[name] = result.next_rank_hint
             cond_after = (condition_number(param) if wrote else cond_before) if session.wants_condition else None
         if result.n_guarded and write:
             warnings.warn(
