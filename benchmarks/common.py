@@ -193,6 +193,20 @@ def make_update(m: int, n: int, rank: int, smax0: float, *, seed: int = 1):
     return (a * strength) @ b
 
 
+def make_full_rank_update(m: int, n: int, spikes: int, smax0: float, *, bulk: float = 0.5, seed: int = 1):
+    """A full-rank dW as fine-tuning leaves it: a Gaussian bulk whose largest singular value is about
+    `bulk` x smax(W0), plus `spikes` orthonormal directions with strengths log-spaced from 6 down to 1.2 x smax(W0):
+    exactly `spikes` singular values reach smax(W0). float64."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    delta = torch.randn(m, n, generator=g, dtype=torch.float64).mul_(bulk * smax0 / (math.sqrt(m) + math.sqrt(n)))
+    a = torch.linalg.qr(torch.randn(m, spikes, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(n, spikes, generator=g, dtype=torch.float64))[0]
+    strength = smax0 * torch.logspace(math.log10(6.0), math.log10(1.2), spikes, dtype=torch.float64)
+    return delta.addmm_(a * strength, b.mT)
+
+
 def make_case(m: int, n: int, rank: int, *, seed: int = 0, smax: float = 12.0):
     """(W0, W) in float32: W = W0 + dW rounded to float32, as an editor leaves it in a float32 model."""
     import torch

@@ -1,8 +1,8 @@
 """The per-edit restraint path as plugins/prune.py had it before commit 2496cd1, kept here ONLY to measure what the
 lean path (restraint.restrain_parameter, used by plugins/prune.py since) gained. Never used by the product.
 
-It forms dW as a difference of two float64 copies, checks finiteness with a full boolean pass, takes max|W0| and
-max|W| through abs() temporaries, gets the restrained dW as a dense float64 matrix from restrain_delta, and writes
+It forms dW as a difference of two float64 copies, checks finiteness with a full boolean pass, takes
+||W||_F through a float64 copy, gets the restrained dW as a dense float64 matrix from restrain_delta, and writes
 (W0 in float64 + that matrix) back: several m x n float64 buffers alive at once. The restraint core
 (restrain_delta's sketch and certificate) is the current one, so the difference measured is the bookkeeping around
 it. Condition numbers (telemetry) are left out, as in the benchmarks' sessions.
@@ -29,12 +29,12 @@ def previous_restrain_matrices(session, names) -> dict[str, dict]:
             if not torch.isfinite(delta).all():
                 raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was restrained")
             smax0 = session.smax.get(name, original)
-            scale = max(float(original.abs().max()), float(param.detach().abs().max()))
             new_delta, result = restrain_delta(
-                delta, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
-                storage_dtype=param.dtype, scale=scale, rank_hint=session.rank_hints.get(name, 0),
+                delta, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge, rank_rule=cfg.prune_rank_rule,
+                storage_dtype=param.dtype, weight_norm=float(param.detach().double().norm()),
+                rank_hint=session.rank_hints.get(name, 0),
             )
-            session.rank_hints[name] = result.rank
+            session.rank_hints[name] = result.next_rank_hint
             wrote = new_delta is not None
             if wrote:
                 param.copy_((original.to(torch.float64) + new_delta).to(param.dtype))
