@@ -256,15 +256,17 @@ def _apply_right(d: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return (x_t @ d.mT).mT
 
 
-def _norm_bound(d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: torch.Generator) -> float:
+def deflated_norm_bound(
+    d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: torch.Generator, power: int = _NORM_POWER
+) -> float:
     """An upper bound on ||E||_2, E = (I - U U^T) d (I - V V^T), that holds with probability >= 1 - 2.3e-10.
 
-    Power iteration on E^T E from _NORM_PROBES Gaussian vectors; the per-step norms are kept as logarithms, so
-    neither a large nor a vanishing E overflows."""
+    Power iteration (`power` steps) on E^T E from _NORM_PROBES Gaussian vectors; the per-step norms are kept as
+    logarithms, so neither a large nor a vanishing E overflows. U may have no columns (no left deflation)."""
     n = d.shape[1]
     x = torch.randn(n, _NORM_PROBES, dtype=d.dtype, device=d.device, generator=generator)
     log_norm = torch.zeros(_NORM_PROBES, dtype=d.dtype, device=d.device)
-    for _ in range(_NORM_POWER):
+    for _ in range(power):
         x = x - vt.mT @ (vt @ x)
         y = _apply_right(d, x.mT)
         y = y - u @ (u.mT @ y)
@@ -274,7 +276,7 @@ def _norm_bound(d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: t
         log_norm += norms.log()
         x = x / norms
     top = float(log_norm.max()) + math.log(_NORM_ALPHA * math.sqrt(2 / math.pi))
-    return math.exp(top / (2 * _NORM_POWER))
+    return math.exp(top / (2 * power))
 
 
 def _refine_top(
@@ -314,7 +316,7 @@ def _top_triplets(
       ||R_c||_F for the first c >= k Ritz triplets and E_c = d deflated by them (Weyl): below the threshold,
       exactly k values reach it.
     ||E_c||_F^2 = ||d||_F^2 - sum_{i<=c} s_i^2 - ||R_c||_F^2 settles it when the block captures d (low rank);
-    otherwise _norm_bound.
+    otherwise deflated_norm_bound.
     The block grows (keeping what it has found) when it is saturated or its last Ritz value is too close to the
     k-th for the iteration to converge quickly: more columns then capture a low-rank dW whole.
     """
@@ -368,7 +370,7 @@ def _top_triplets(
         res_c = float(cumulative[c - 1]) if c else 0.0
         rest = math.sqrt(max(fro2 - float(s[:c].square().sum()) - res_c ** 2, 0.0) + _ROUNDOFF * fro2)
         if max(below, rest) + res_c >= threshold:
-            rest = _norm_bound(d, ritz_u[:, :c], vt[:c], generator)
+            rest = deflated_norm_bound(d, ritz_u[:, :c], vt[:c], generator)
         if max(below, rest) + res_c < threshold:
             return ritz_u[:, :k], s[:k], vt[:k], top, block
         iterations = _MAX_ITERATIONS  # too much of d near the threshold for this block: grow it

@@ -178,7 +178,35 @@ class TestSpectrum:
 
         w = torch.randn(60, 90, dtype=torch.float32)
         monkeypatch.setattr(spectrum, "_DENSE_LIMIT", 10)
-        assert spectrum.largest_singular_value(w) == pytest.approx(torch.linalg.svdvals(w.double())[0].item(), rel=1e-10)
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        assert spectrum.largest_singular_value_dense(w) == pytest.approx(exact, rel=1e-10)
+
+    @settings(max_examples=15, deadline=None)
+    @given(seed=st.integers(0, 2**31 - 1), m=st.integers(20, 150), n=st.integers(20, 150),
+           spikes=st.integers(0, 4), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+    def test_the_certified_krylov_smax_is_within_1e_minus_6(self, seed, m, n, spikes, dtype):
+        from prune_plugin.spectrum import certified_largest_singular_value
+
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+        for i in range(spikes):  # outliers above the bulk, as trained weights have
+            w += (3 - 0.4 * i) * torch.outer(torch.randn(m, generator=g, dtype=torch.float64) / math.sqrt(m),
+                                             torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n))
+        w = w.to(dtype)
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        estimate = certified_largest_singular_value(w)
+        if estimate is not None:  # when it answers, it is right
+            assert abs(estimate - exact) <= 1e-6 * exact
+        assert largest_singular_value(w) == pytest.approx(exact, rel=1e-6)
+
+    def test_a_flat_top_spectrum_cannot_be_certified_and_falls_back_to_the_exact_value(self, monkeypatch):
+        import prune_plugin.spectrum as spectrum
+
+        q, _ = torch.linalg.qr(torch.randn(200, 80, dtype=torch.float64))
+        w = 2.5 * q.mT  # all 80 singular values equal: no gap for any bound to prove
+        assert spectrum.certified_largest_singular_value(w) is None
+        monkeypatch.setattr(spectrum, "_DENSE_LIMIT", 10)
+        assert spectrum.largest_singular_value(w) == pytest.approx(2.5, rel=1e-12)
 
     def test_condition_number_is_ratio_of_extreme_singular_values(self):
         w = torch.diag(torch.tensor([10.0, 2.0, 0.5]))
