@@ -21,6 +21,7 @@ from pathlib import Path
 # name -> module; the order is the order of the report.
 BENCHMARKS = {
     "restraint": "benchmarks.bench_restraint",
+    "spectrum": "benchmarks.bench_spectrum",
     "memory": "benchmarks.bench_memory",
     "sequential": "benchmarks.bench_sequential",
     "perplexity": "benchmarks.bench_perplexity",
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-rank-large", action="store_true", help="also run full-rank dW at 4096x11008 (very slow)")
     p.add_argument("--reference-large", action="store_true", help="also compute the float64 dense reference at 4096x11008")
     p.add_argument("--shape", action="append", default=None, metavar="MxN",
-                   help="restrict 'restraint' and 'memory' to these shapes, e.g. --shape 576x1536 (repeatable)")
+                   help="restrict 'restraint', 'spectrum' and 'memory' to these shapes, e.g. --shape 576x1536 (repeatable)")
     p.add_argument("--dw", action="append", default=None, metavar="KIND",
                    help="restrict 'restraint' to these dW kinds: a rank (1, 10, 100), ftK (full rank, K values above "
                         "smax(W0)) or full (repeatable)")

@@ -199,13 +199,24 @@ class TestSpectrum:
             assert abs(estimate - exact) <= 1e-6 * exact
         assert largest_singular_value(w) == pytest.approx(exact, rel=1e-6)
 
+    def test_a_separated_top_value_is_certified(self):
+        from prune_plugin.spectrum import certified_largest_singular_value
+
+        g = torch.Generator().manual_seed(4)
+        w = torch.randn(120, 300, generator=g, dtype=torch.float64) / math.sqrt(300)  # bulk edge about 1.6
+        w += 5 * torch.outer(torch.randn(120, generator=g, dtype=torch.float64) / math.sqrt(120),
+                             torch.randn(300, generator=g, dtype=torch.float64) / math.sqrt(300))
+        estimate = certified_largest_singular_value(w.float())
+        assert estimate is not None
+        assert estimate == pytest.approx(torch.linalg.svdvals(w.float().double())[0].item(), rel=1e-6)
+
     def test_a_flat_top_spectrum_cannot_be_certified_and_falls_back_to_the_exact_value(self, monkeypatch):
         import prune_plugin.spectrum as spectrum
 
         q, _ = torch.linalg.qr(torch.randn(200, 80, dtype=torch.float64))
         w = 2.5 * q.mT  # all 80 singular values equal: no gap for any bound to prove
         assert spectrum.certified_largest_singular_value(w) is None
-        monkeypatch.setattr(spectrum, "_DENSE_LIMIT", 10)
+        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)  # take the Krylov route first, as large matrices do
         assert spectrum.largest_singular_value(w) == pytest.approx(2.5, rel=1e-12)
 
     def test_condition_number_is_ratio_of_extreme_singular_values(self):
