@@ -1,8 +1,10 @@
-"""Loading and checking the two data formats the plugin reads.
+"""Loading and checking the data formats the plugin reads.
 
 * Edit records in EasyEdit's CounterFact form (the HardEdit / HardCF sets): a JSON list of objects with
   case_id, prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth.
 * Reference sentences in the Butterfly paper's ME-PPL form: a JSON list of {"Corpus": genre, "Text": sentence}.
+* PRUNE's four general-ability test files (reasoning, summarization, open-domain QA, NLI), in the forms of the
+  official repository's data/task-data/ folder, read the way its test_tasks.py reads them.
 
 The official files are not redistributable, so users point at their own copies; a broken file must say exactly
 where it is broken (file, record index and field; for bad JSON the line and column) instead of failing deep
@@ -10,6 +12,7 @@ inside a model run.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -17,6 +20,20 @@ from typing import Any
 
 HARDEDIT_PATH_ENV = "PRUNE_HARDEDIT_PATH"
 COLLAPSE_PATH_ENV = "PRUNE_COLLAPSE_PATH"
+PRUNE_TASKS_DIR_ENV = "PRUNE_TASKS_DIR"
+
+# PRUNE's general-ability tasks: the official file names (data/task-data/ in mjy1111/PRUNE) and how many leading
+# records its test_tasks.py scores from each.
+PRUNE_TASK_FILES = {
+    "reasoning": "test-reasoning.jsonl",
+    "summarization": "test-summarization.json",
+    "open_qa": "test-OpenDomainQA.jsonl",
+    "nli": "test-NLI.tsv",
+}
+PRUNE_SAMPLE_COUNTS = {"reasoning": 358, "summarization": 149, "open_qa": 261, "nli": 299}
+REASONING_ANSWER_MARK = "#### "
+NLI_HEADER = ("index", "sentence1", "sentence2", "label")
+NLI_LABELS = ("entailment", "not_entailment")
 
 EDIT_TEXT_FIELDS = (
     "prompt",
@@ -35,13 +52,19 @@ _DATA_DIR = Path(__file__).resolve().parent / "data"
 class DataFormatError(ValueError):
     """A data file that does not have the expected form; the message names file, record and field."""
 
-    def __init__(self, path: str | os.PathLike, problem: str, *, index: int | None = None, field: str | None = None):
+    def __init__(self, path: str | os.PathLike, problem: str, *, index: int | None = None, field: str | None = None,
+                 line: int | None = None):
         self.path = str(path)
         self.index = index
         self.field = field
+        self.line = line
         where = self.path
         if index is not None:
             where += f": record {index}"
+            if line is not None:
+                where += f" (line {line})"
+        elif line is not None:
+            where += f": line {line}"
         if field is not None:
             where += f", field {field!r}"
         super().__init__(f"{where}: {problem}")
@@ -149,6 +172,166 @@ def validate_reference_records(data: Any, source: str | os.PathLike = "<referenc
             raise DataFormatError(source, f"expected a string, got {_describe(record['Corpus'])}",
                                   index=index, field="Corpus")
     return [dict(record) for record in records]
+
+
+def default_prune_tasks_dir() -> Path:
+    """The small general-ability sets shipped with the plugin, under the official file names."""
+    return _DATA_DIR / "prune-tasks"
+
+
+def resolve_prune_tasks_dir(path: str | os.PathLike | None = None) -> Path:
+    """An explicit folder wins, then $PRUNE_TASKS_DIR, then the shipped sets."""
+    return _resolve(path, PRUNE_TASKS_DIR_ENV, default_prune_tasks_dir())
+
+
+def prune_task_file(task: str, folder: str | os.PathLike | None = None) -> Path:
+    """The file of one general-ability task ("reasoning", "summarization", "open_qa" or "nli")."""
+    if task not in PRUNE_TASK_FILES:
+        raise ValueError(f"unknown PRUNE task {task!r}; expected one of {sorted(PRUNE_TASK_FILES)}")
+    folder = resolve_prune_tasks_dir(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (it should hold {', '.join(PRUNE_TASK_FILES.values())})")
+    return folder / PRUNE_TASK_FILES[task]
+
+
+def read_json_lines(path: str | os.PathLike, limit: int | None = None) -> list[tuple[int, Any]]:
+    """(line number, value) of the first `limit` non-blank lines of a JSON-lines file; errors name the line."""
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such data file") from None
+    out: list[tuple[int, Any]] = []
+    with handle:
+        try:
+            for number, text in enumerate(handle, start=1):
+                if limit is not None and len(out) >= limit:
+                    break
+                if not text.strip():
+                    continue
+                try:
+                    out.append((number, json.loads(text)))
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(path, f"invalid JSON at column {err.colno}: {err.msg}",
+                                          index=len(out), line=number) from None
+        except UnicodeDecodeError as err:
+            raise DataFormatError(path, f"not UTF-8 text (byte offset {err.start} of a line)") from None
+    if not out:
+        raise DataFormatError(path, "the file holds no records")
+    return out
+
+
+def load_reasoning_records(folder: str | os.PathLike | None = None,
+                           limit: int | None = PRUNE_SAMPLE_COUNTS["reasoning"]) -> list[dict]:
+    """GSM8K-form lines {"question", "answer"}, where answer is the rationale, then "#### " and the number.
+
+    Returns {"question", "rationale", "answer"} split at the first "#### " as the official script splits it
+    (rationale = the text before it, answer = the text after it up to a second mark, if any).
+    """
+    path = prune_task_file("reasoning", folder)
+    records = []
+    for index, (line, record) in enumerate(read_json_lines(path, limit)):
+        _require_fields(record, path, index, ("question", "answer"), line=line)
+        if REASONING_ANSWER_MARK not in record["answer"]:
+            raise DataFormatError(path, f"has no {REASONING_ANSWER_MARK.strip()!r} mark before the final answer",
+                                  index=index, field="answer", line=line)
+        parts = record["answer"].split(REASONING_ANSWER_MARK)
+        if not parts[1].strip():
+            raise DataFormatError(path, f"nothing after the {REASONING_ANSWER_MARK.strip()!r} mark",
+                                  index=index, field="answer", line=line)
+        records.append({"question": record["question"], "rationale": parts[0], "answer": parts[1]})
+    return records
+
+
+def load_summarization_records(folder: str | os.PathLike | None = None,
+                               limit: int | None = PRUNE_SAMPLE_COUNTS["summarization"]) -> list[dict]:
+    """SAMSum-form JSON list of {"id", "dialogue", "summary"} ("id" optional); the first `limit` records."""
+    path = prune_task_file("summarization", folder)
+    data = _non_empty_list(read_json(path), path)[:limit]
+    records = []
+    for index, record in enumerate(data):
+        _require_fields(record, path, index, ("dialogue", "summary"))
+        records.append({"id": str(record.get("id", index)), "dialogue": record["dialogue"],
+                        "summary": record["summary"]})
+    return records
+
+
+def load_open_qa_records(folder: str | os.PathLike | None = None,
+                         limit: int | None = PRUNE_SAMPLE_COUNTS["open_qa"]) -> list[dict]:
+    """Natural Questions lines {"question", "answer": [..], "output": [passage, ..]}; the prompt uses output[0]."""
+    path = prune_task_file("open_qa", folder)
+    records = []
+    for index, (line, record) in enumerate(read_json_lines(path, limit)):
+        _require_fields(record, path, index, ("question",), line=line)
+        for field in ("answer", "output"):
+            if field not in record:
+                raise DataFormatError(path, "missing", index=index, field=field, line=line)
+            values = record[field]
+            if not isinstance(values, list) or not values:
+                raise DataFormatError(path, f"expected a non-empty list of strings, got {_describe(values)}",
+                                      index=index, field=field, line=line)
+            for position, value in enumerate(values):
+                if not isinstance(value, str):
+                    raise DataFormatError(path, f"item {position}: expected a string, got {_describe(value)}",
+                                          index=index, field=field, line=line)
+        if not record["output"][0].strip():
+            raise DataFormatError(path, "item 0 (the passage) is empty", index=index, field="output", line=line)
+        records.append({"question": record["question"], "answers": list(record["answer"]),
+                        "passage": record["output"][0]})
+    return records
+
+
+def load_nli_records(folder: str | os.PathLike | None = None,
+                     limit: int | None = PRUNE_SAMPLE_COUNTS["nli"]) -> list[dict]:
+    """RTE-form TSV (header index, sentence1, sentence2, label), parsed with the csv module's default quoting and
+    a tab delimiter exactly as the official script reads it; the first `limit` rows after the header."""
+    path = prune_task_file("nli", folder)
+    try:
+        handle = path.open(encoding="utf-8")  # no newline="": the official script opens it plainly
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such data file") from None
+    records = []
+    with handle:
+        reader = csv.reader(handle, delimiter="\t")
+        try:
+            header = next(reader, None)
+            if header is None or tuple(field.strip() for field in header[:4]) != NLI_HEADER:
+                raise DataFormatError(path, f"expected the header {chr(9).join(NLI_HEADER)!r}, got {header!r}",
+                                      line=1)
+            for row in reader:
+                if limit is not None and len(records) >= limit:
+                    break
+                index, line = len(records), reader.line_num
+                if len(row) < 4:
+                    raise DataFormatError(path, f"expected 4 tab-separated fields, got {len(row)}",
+                                          index=index, line=line)
+                for field, value in zip(NLI_HEADER[1:3], row[1:3]):
+                    if not value.strip():
+                        raise DataFormatError(path, "empty text", index=index, field=field, line=line)
+                if row[3] not in NLI_LABELS:
+                    raise DataFormatError(path, f"expected one of {NLI_LABELS}, got {row[3]!r}",
+                                          index=index, field="label", line=line)
+                records.append({"index": row[0], "sentence1": row[1], "sentence2": row[2], "label": row[3]})
+        except UnicodeDecodeError as err:
+            raise DataFormatError(path, f"not UTF-8 text (byte offset {err.start} of a line)") from None
+    if not records:
+        raise DataFormatError(path, "the file holds no rows after the header")
+    return records
+
+
+def _require_fields(record: Any, source: str | os.PathLike, index: int, fields: tuple[str, ...],
+                    line: int | None = None) -> None:
+    if not isinstance(record, dict):
+        raise DataFormatError(source, f"expected a JSON object, got {_describe(record)}", index=index, line=line)
+    for field in fields:
+        if field not in record:
+            raise DataFormatError(source, "missing", index=index, field=field, line=line)
+        value = record[field]
+        if not isinstance(value, str):
+            raise DataFormatError(source, f"expected a string, got {_describe(value)}", index=index, field=field,
+                                  line=line)
+        if not value.strip():
+            raise DataFormatError(source, "empty text", index=index, field=field, line=line)
 
 
 def _non_empty_list(data: Any, source: str | os.PathLike) -> list:
