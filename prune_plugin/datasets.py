@@ -1,7 +1,9 @@
 """Loading and checking the data formats the plugin reads.
 
 * Edit records in EasyEdit's CounterFact form (the HardEdit / HardCF sets): a JSON list of objects with
-  case_id, prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth.
+  case_id, prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt, locality_ground_truth
+  (the two prompts may be lists), or in ROME's CounterFact form (requested_rewrite, paraphrase_prompts,
+  neighborhood_prompts).
 * Reference sentences in the Butterfly paper's ME-PPL form: a JSON list of {"Corpus": genre, "Text": sentence}.
 * PRUNE's four general-ability test files (reasoning, summarization, open-domain QA, NLI), in the forms of the
   official repository's data/task-data/ folder, read the way its test_tasks.py reads them.
@@ -45,6 +47,9 @@ EDIT_TEXT_FIELDS = (
     "locality_ground_truth",
 )
 EDIT_FIELDS = ("case_id",) + EDIT_TEXT_FIELDS
+# Fields that may hold several prompts (CounterFact has several paraphrases and neighbours per record), and the
+# list-valued field every checked record carries for each.
+PROMPT_LIST_FIELDS = {"rephrase_prompt": "rephrase_prompts", "locality_prompt": "locality_prompts"}
 
 _DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -135,11 +140,21 @@ def load_reference_sentences(path: str | os.PathLike | None = None) -> list[str]
 
 
 def validate_edit_records(data: Any, source: str | os.PathLike = "<edit records>") -> list[dict]:
-    """Check parsed CounterFact-form data; returns shallow copies of the records (extra fields kept)."""
+    """Check parsed edit records; returns them in EasyEdit's CounterFact form (extra fields kept).
+
+    Two forms load: EasyEdit's (the fields of EDIT_FIELDS; `rephrase_prompt` and `locality_prompt` may each be a
+    string or a list of strings, as CounterFact has several paraphrase and neighbourhood prompts), and ROME's
+    CounterFact JSON (`requested_rewrite` with "{}" in its prompt, `paraphrase_prompts`, `neighborhood_prompts`),
+    converted to EasyEdit's with the true object as the neighbourhood answer. Every record comes back with string
+    `rephrase_prompt` / `locality_prompt` (the first of each, what EasyEdit's editor takes) and the full lists in
+    `rephrase_prompts` / `locality_prompts`.
+    """
     records = _non_empty_list(data, source)
     out = []
     for index, record in enumerate(records):
         _require_object(record, source, index)
+        if "requested_rewrite" in record:
+            record = _from_rome_form(record, source, index)
         for field in EDIT_FIELDS:
             if field not in record:
                 raise DataFormatError(source, "missing", index=index, field=field)
@@ -147,8 +162,13 @@ def validate_edit_records(data: Any, source: str | os.PathLike = "<edit records>
         if isinstance(case_id, bool) or not isinstance(case_id, (int, str)):
             raise DataFormatError(source, f"expected an integer or string, got {_describe(case_id)}",
                                   index=index, field="case_id")
+        lists = {}
         for field in EDIT_TEXT_FIELDS:
-            _require_text(record[field], source, index, field)
+            if field in PROMPT_LIST_FIELDS and isinstance(record[field], list):
+                lists[field] = _text_list(record[field], source, index, field)
+            else:
+                _require_text(record[field], source, index, field)
+                lists[field] = [record[field]]
         # Each comparison needs two different answers; equal ones would score as a tie, not as a measurement.
         if record["target_new"].strip() == record["ground_truth"].strip():
             raise DataFormatError(source, "equals ground_truth, so the edit changes nothing",
@@ -156,8 +176,55 @@ def validate_edit_records(data: Any, source: str | os.PathLike = "<edit records>
         if record["locality_ground_truth"].strip() == record["target_new"].strip():
             raise DataFormatError(source, "equals target_new, so locality cannot be told apart from the edit",
                                   index=index, field="locality_ground_truth")
-        out.append(dict(record))
+        checked = dict(record)
+        for field, plural in PROMPT_LIST_FIELDS.items():
+            checked[field], checked[plural] = lists[field][0], lists[field]
+        out.append(checked)
     return out
+
+
+def _text_list(values: list, source: str | os.PathLike, index: int, field: str) -> list[str]:
+    if not values:
+        raise DataFormatError(source, "empty list", index=index, field=field)
+    for position, value in enumerate(values):
+        _require_text(value, source, index, f"{field}[{position}]")
+    return list(values)
+
+
+def _from_rome_form(record: dict, source: str | os.PathLike, index: int) -> dict:
+    """ROME's CounterFact record -> EasyEdit's form (what ROME's evaluation compares, under EasyEdit's names)."""
+    rewrite = record["requested_rewrite"]
+    if not isinstance(rewrite, dict):
+        raise DataFormatError(source, f"expected a JSON object, got {_describe(rewrite)}", index=index,
+                              field="requested_rewrite")
+    for field in ("prompt", "subject"):
+        if field not in rewrite:
+            raise DataFormatError(source, "missing", index=index, field=f"requested_rewrite.{field}")
+        _require_text(rewrite[field], source, index, f"requested_rewrite.{field}")
+    if "{}" not in rewrite["prompt"]:
+        raise DataFormatError(source, "has no '{}' where the subject goes", index=index,
+                              field="requested_rewrite.prompt")
+    answers = {}
+    for field in ("target_new", "target_true"):
+        target = rewrite.get(field)
+        if not isinstance(target, dict) or "str" not in target:
+            raise DataFormatError(source, f"expected an object with a 'str' field, got {_describe(target)}",
+                                  index=index, field=f"requested_rewrite.{field}")
+        _require_text(target["str"], source, index, f"requested_rewrite.{field}.str")
+        answers[field] = target["str"]
+    for field in ("case_id", "paraphrase_prompts", "neighborhood_prompts"):
+        if field not in record:
+            raise DataFormatError(source, "missing", index=index, field=field)
+        if field != "case_id" and not isinstance(record[field], list):
+            raise DataFormatError(source, f"expected a list of strings, got {_describe(record[field])}",
+                                  index=index, field=field)
+    extra = {k: v for k, v in record.items()
+             if k not in ("requested_rewrite", "paraphrase_prompts", "neighborhood_prompts")}
+    return {**extra, "prompt": rewrite["prompt"].replace("{}", rewrite["subject"]), "subject": rewrite["subject"],
+            "target_new": answers["target_new"], "ground_truth": answers["target_true"],
+            "rephrase_prompt": _text_list(record["paraphrase_prompts"], source, index, "paraphrase_prompts"),
+            "locality_prompt": _text_list(record["neighborhood_prompts"], source, index, "neighborhood_prompts"),
+            "locality_ground_truth": answers["target_true"]}
 
 
 def validate_reference_records(data: Any, source: str | os.PathLike = "<reference sentences>") -> list[dict]:
