@@ -445,3 +445,11 @@ def test_only_the_official_number_of_leading_records_is_read(tmp_path):
     with open(folder / "test-reasoning.jsonl", "a", encoding="utf-8") as f:
         f.write("not json\n")  # beyond the limit: the script never reads it, neither do we
     assert len(load_reasoning_records(folder, limit=12)) == 12
+
+
+def test_headline_scores_read_each_groups_numbers_out_of_the_results(default_run):
+    _, _, out = default_run
+    scores = lmeval.headline_scores(out)
+    assert list(scores) == ["reasoning (GSM8K acc)", "summarization (SAMSum ROUGE)", "open-domain QA (NQ EM)",
+                            "NLI (RTE acc)", "NLI (RTE, True vs False log-likelihood)"]
+    assert scores["NLI (RTE, True vs False log-likelihood)"] == out["results"]["prune_nli"]["acc_loglik,none"]
