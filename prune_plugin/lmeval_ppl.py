@@ -37,7 +37,8 @@ class MissingTokenizerError(ValueError):
     """The task metadata names no tokenizer (no model argument lm-eval passes on identifies one)."""
 
 
-def resolve_tokenizer(metadata: dict[str, Any]) -> Any:
+def resolve_tokenizer(metadata: dict[str, Any],
+                      needed_for: str = "collapse_ppl_paper needs the model's tokenizer to count scored tokens") -> Any:
     """The tokenizer lm-eval's model will use, from task metadata (model args merged with --metadata).
 
     The model arguments of lm-eval's backends that name it: `tokenizer` (sglang: `tokenizer_path`), else the model
@@ -49,8 +50,8 @@ def resolve_tokenizer(metadata: dict[str, Any]) -> Any:
                  if isinstance(metadata.get(k), str) and metadata[k]), None)
     if name is None:
         raise MissingTokenizerError(
-            "collapse_ppl_paper needs the model's tokenizer to count scored tokens: run it with --model hf (or vllm) "
-            "--model_args pretrained=<path> (or add tokenizer=<path> to --model_args or --metadata)"
+            f"{needed_for}: run it with --model hf (or vllm) --model_args pretrained=<path> (or add "
+            "tokenizer=<path> to --model_args or --metadata)"
         )
     if name.startswith(_IN_MEMORY_PREFIX):
         if name not in _in_memory:

@@ -80,3 +80,11 @@ def test_collapse_ppl_paper_without_a_tokenizer_loads_but_says_so_when_scored(ta
     assert doc["context"] + doc["continuation"] == doc["text"]
     with pytest.raises(MissingTokenizerError, match="needs the model's tokenizer"):
         task.process_results(doc, [(-3.0, False)])
+
+
+def test_hardedit_without_a_tokenizer_loads_but_says_so_when_scored(tasks):
+    task = tasks["hardedit_efficacy"]
+    doc = first_docs(task)[0]
+    assert len(task.construct_requests(doc=doc, ctx=task.doc_to_text(doc))) == 2  # the two answers, no token pieces
+    with pytest.raises(MissingTokenizerError, match="hardedit needs the model's tokenizer to count answer tokens"):
+        task.process_results(doc, [(-3.0, False), (-4.0, False)])

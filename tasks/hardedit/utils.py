@@ -33,10 +33,10 @@ def _load(subtask: str, hardedit_path: str | None, metadata: dict[str, Any]) -> 
     path = resolve_edit_records_path(hardedit_path)
     records = load_edit_records(path)
     try:
-        encoding = lm_eval_encoding(resolve_tokenizer(metadata), parse_bool(metadata.get("add_bos_token")))
-        reason = ""
+        tokenizer = resolve_tokenizer(metadata, "hardedit needs the model's tokenizer to count answer tokens")
+        encoding, reason = lm_eval_encoding(tokenizer, parse_bool(metadata.get("add_bos_token"))), ""
     except MissingTokenizerError as err:  # lm-eval's model-free task checks: the requests still build
-        encoding, reason = None, str(err).replace("collapse_ppl_paper", "hardedit") + " and answer tokens"
+        encoding, reason = None, str(err)
     prompts_field, preferred_field, other_field = SUBTASKS[subtask]
     docs = []
     for index, record in enumerate(records):
