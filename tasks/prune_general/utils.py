@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import datasets
 import regex  # the official script normalises with `regex`, not `re` (word boundaries differ on some scripts)
+from lm_eval.api.instance import Instance
+from lm_eval.api.task import ConfigurableTask
 
 from prune_plugin.datasets import (
     load_nli_records,
@@ -21,13 +23,11 @@ from prune_plugin.datasets import (
     load_reasoning_records,
     load_summarization_records,
 )
-from lm_eval.api.instance import Instance
-from lm_eval.api.task import ConfigurableTask
 
 REASONING_CUE = "Therefore, the answer (arabic numerals) is:"
 NLI_ANSWERS = ("True", "False")  # the log-likelihood comparison scores " True" against " False"
-_PUNCTUATION = frozenset(string.punctuation)
 SCRIPT_SUMMARY_CUT = 13  # the script drops the last 13 characters of every decoded summary (len("<|endoftext|>"))
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def _dataset(docs: list[dict]) -> datasets.DatasetDict:
