@@ -13,7 +13,7 @@ import string
 from typing import Any, Sequence
 
 import datasets
-import regex  # the official script normalises with `regex`, not `re` (word boundaries differ on some scripts)
+import regex  # the module the official script normalises answers with
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import ConfigurableTask
 
