@@ -26,6 +26,7 @@ BENCHMARKS = {
     "sequential": "benchmarks.bench_sequential",
     "perplexity": "benchmarks.bench_perplexity",
     "rome_overhead": "benchmarks.bench_rome_overhead",
+    "generation": "benchmarks.bench_generation",
 }
 
 
@@ -45,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="restrict 'restraint' to these dW kinds: a rank (1, 10, 100), ftK (full rank, K values above "
                         "smax(W0)) or full (repeatable)")
     p.add_argument("--max-edits", type=int, default=None, help="largest number of rank-one edits in 'sequential' (default 1000)")
+    p.add_argument("--general-limit", type=int, default=None,
+                   help="prompts per prune_general subtask in 'generation' (default 16; the official counts are 358/149/261/299)")
+    p.add_argument("--prune-tasks-dir", default=None,
+                   help="folder with PRUNE's official task files for 'generation' (default: $PRUNE_TASKS_DIR, "
+                        "../shared/data/prune-tasks, else the shipped sets)")
     p.add_argument("--json", type=Path, default=None, help="also write all measured records to this JSON file")
     args = p.parse_args(argv)
     if args.repeats is None:

@@ -23,6 +23,28 @@ if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
 
 ENTRY_POINT_GROUP = "lm_eval.tasks"
+
+# The plugin's task groups, and each one's headline numbers as (task, metric, label): what a results table shows.
+# Read them out of evaluate()'s results with headline_scores().
+TASKS = ("hardedit", "collapse_ppl", "prune_general")
+HEADLINE_METRICS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "hardedit": (
+        ("hardedit_efficacy", "acc", "efficacy"),
+        ("hardedit_generalization", "acc", "generalization"),
+        ("hardedit_locality", "acc", "locality"),
+        ("hardedit_efficacy", "token_acc", "efficacy token acc"),
+        ("hardedit_generalization", "token_acc", "generalization token acc"),
+        ("hardedit_locality", "token_acc", "locality token acc"),
+    ),
+    "collapse_ppl": (("collapse_ppl_paper", "mean_ppl", "collapse perplexity"),),
+    "prune_general": (
+        ("prune_reasoning", "acc", "reasoning (GSM8K acc)"),
+        ("prune_summarization", "rouge", "summarization (SAMSum ROUGE)"),
+        ("prune_open_qa", "exact_match", "open-domain QA (NQ EM)"),
+        ("prune_nli", "acc", "NLI (RTE acc)"),
+        ("prune_nli", "acc_loglik", "NLI (RTE, True vs False log-likelihood)"),
+    ),
+}
 _WRAPPED_MARK = "_prune_plugin_entry_points"
 
 log = logging.getLogger(__name__)
@@ -57,8 +79,9 @@ def evaluate(
 ) -> dict:
     """Run lm-eval's simple_evaluate on `model` (a transformers causal LM) and return lm-eval's results dict.
 
-    tasks: task or group names, e.g. ["hardedit", "collapse_ppl"].
-    metadata: task metadata, as lm-eval's --metadata (e.g. {"hardedit_path": "my_edits.json"}).
+    tasks: task or group names, e.g. ["hardedit", "collapse_ppl", "prune_general"] (TASKS).
+    metadata: task metadata, as lm-eval's --metadata (e.g. {"hardedit_path": "my_edits.json"} or
+        {"prune_tasks_dir": "<folder with PRUNE's four official task files>"}).
     include_defaults: also index lm-eval's built-in tasks (about 20 s); by default only this plugin's tasks.
     model_kwargs: extra HFLM arguments (e.g. {"max_length": 512, "add_bos_token": False}); like the CLI, they
         are also visible to tasks as metadata.
@@ -86,6 +109,18 @@ def evaluate(
     if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
     return results
+
+
+def headline_scores(results: dict, groups: Sequence[str] = TASKS) -> dict[str, float]:
+    """{label: value} of HEADLINE_METRICS for the groups that `results` (evaluate()'s dict) holds, in table order;
+    groups that were not run are left out."""
+    scores = {}
+    for group in groups:
+        for task, metric, label in HEADLINE_METRICS[group]:
+            value = results.get("results", {}).get(task, {}).get(f"{metric},none")
+            if value is not None:
+                scores[label] = float(value)
+    return scores
 
 
 def entry_point_task_dirs(entry_points: Iterable[EntryPoint] | None = None) -> list[Path]:

@@ -33,7 +33,12 @@ def unregister_tokenizer(handle: str) -> None:
     _in_memory.pop(handle, None)
 
 
-def resolve_tokenizer(metadata: dict[str, Any]) -> Any:
+class MissingTokenizerError(ValueError):
+    """The task metadata names no tokenizer (no model argument lm-eval passes on identifies one)."""
+
+
+def resolve_tokenizer(metadata: dict[str, Any],
+                      needed_for: str = "collapse_ppl_paper needs the model's tokenizer to count scored tokens") -> Any:
     """The tokenizer lm-eval's model will use, from task metadata (model args merged with --metadata).
 
     The model arguments of lm-eval's backends that name it: `tokenizer` (sglang: `tokenizer_path`), else the model
@@ -44,9 +49,9 @@ def resolve_tokenizer(metadata: dict[str, Any]) -> Any:
     name = next((metadata[k] for k in ("tokenizer", "tokenizer_path", "model", "pretrained")
                  if isinstance(metadata.get(k), str) and metadata[k]), None)
     if name is None:
-        raise ValueError(
-            "collapse_ppl_paper needs the model's tokenizer to count scored tokens: run it with --model hf (or vllm) "
-            "--model_args pretrained=<path> (or add tokenizer=<path> to --model_args or --metadata)"
+        raise MissingTokenizerError(
+            f"{needed_for}: run it with --model hf (or vllm) --model_args pretrained=<path> (or add "
+            "tokenizer=<path> to --model_args or --metadata)"
         )
     if name.startswith(_IN_MEMORY_PREFIX):
         if name not in _in_memory:
@@ -150,6 +155,18 @@ def _candidate_cuts(text: str, tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(cut for cut in cuts if 0 < cut < len(text)))
 
 
+def provisional_docs(sentences: Sequence[str], reason: str) -> list[dict]:
+    """Docs for a task built without a tokenizer (lm-eval's model-free task checks, `lm_eval ls`): each sentence
+    split after its first word, a valid request that is never scored; scoring one raises `reason`."""
+    docs = []
+    for text in sentences:
+        stripped = text.lstrip()
+        cut = len(text) - len(stripped) + (stripped.find(" ") if " " in stripped else len(stripped) // 2 or 1)
+        docs.append({"text": text, "context": text[:cut], "continuation": text[cut:], "n_scored": 0,
+                     "unscored_reason": reason})
+    return docs
+
+
 def paper_ppl_docs(sentences: Sequence[str], tokenizer: Any, add_bos_token: bool | None = None,
                    source: str = "<sentences>") -> list[dict]:
     """One lm-eval doc per sentence: text, context, continuation, n_scored."""
@@ -159,5 +176,6 @@ def paper_ppl_docs(sentences: Sequence[str], tokenizer: Any, add_bos_token: bool
             context, continuation, n_scored = split_first_token(text, tokenizer, add_bos_token)
         except ValueError as err:
             raise ValueError(f"{source}: record {index}, field 'Text': {err}") from None
-        docs.append({"text": text, "context": context, "continuation": continuation, "n_scored": n_scored})
+        docs.append({"text": text, "context": context, "continuation": continuation, "n_scored": n_scored,
+                     "unscored_reason": ""})
     return docs

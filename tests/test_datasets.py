@@ -47,8 +47,61 @@ def edit_error(tmp_path: Path, data) -> str:
 
 def test_edit_records_load_with_extra_fields_kept(tmp_path):
     records = load_edit_records(write(tmp_path / "e.json", [RECORD, {**RECORD, "case_id": "x1", "relation": "P1"}]))
-    assert records[0] == RECORD
+    assert records[0] == {**RECORD, "rephrase_prompts": [RECORD["rephrase_prompt"]],
+                          "locality_prompts": [RECORD["locality_prompt"]]}
     assert records[1]["relation"] == "P1" and records[1]["case_id"] == "x1"
+
+
+def test_several_paraphrase_and_neighbourhood_prompts_load_as_lists(tmp_path):
+    record = {**RECORD, "rephrase_prompt": ["Danielle Darrieux, a native", "Danielle Darrieux spoke"],
+              "locality_prompt": ["The mother tongue of Stieltjes is", "Rutger Hauer's mother tongue is"]}
+    loaded, = load_edit_records(write(tmp_path / "e.json", [record]))
+    assert loaded["rephrase_prompts"] == record["rephrase_prompt"]
+    assert loaded["locality_prompts"] == record["locality_prompt"]
+    # EasyEdit's editor takes one string per record: the first of each list.
+    assert loaded["rephrase_prompt"] == "Danielle Darrieux, a native"
+    assert loaded["locality_prompt"] == "The mother tongue of Stieltjes is"
+    message = edit_error(tmp_path, [{**record, "locality_prompt": ["ok", 3]}])
+    assert "record 0, field 'locality_prompt[1]': expected a string, got int 3" in message
+    assert "field 'rephrase_prompt': empty list" in edit_error(tmp_path, [{**record, "rephrase_prompt": []}])
+
+
+ROME_RECORD = {
+    "case_id": 0,
+    "pararel_idx": 2796,
+    "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                          "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"},
+                          "subject": "Danielle Darrieux"},
+    "paraphrase_prompts": ["Shayna does this and Yossel goes still. Danielle Darrieux, a native",
+                           "An album was recorded for Capitol Nashville. Danielle Darrieux spoke the language"],
+    "neighborhood_prompts": ["The mother tongue of Léon Blum is", "Raymond Barre, a native"],
+    "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+    "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+}
+
+
+def test_romes_counterfact_form_loads_as_easyedits(tmp_path):
+    loaded, = load_edit_records(write(tmp_path / "counterfact.json", [ROME_RECORD]))
+    assert {k: loaded[k] for k in EDIT_FIELDS} == {
+        "case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+        "target_new": "English", "ground_truth": "French",
+        "rephrase_prompt": ROME_RECORD["paraphrase_prompts"][0], "locality_prompt": "The mother tongue of Léon Blum is",
+        "locality_ground_truth": "French"}
+    assert loaded["rephrase_prompts"] == ROME_RECORD["paraphrase_prompts"]
+    assert loaded["locality_prompts"] == ROME_RECORD["neighborhood_prompts"]
+    assert loaded["attribute_prompts"] == ROME_RECORD["attribute_prompts"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"requested_rewrite": {**ROME_RECORD["requested_rewrite"], "prompt": "The mother tongue of X is"}},
+     "field 'requested_rewrite.prompt': has no '{}' where the subject goes"),
+    ({"requested_rewrite": {**ROME_RECORD["requested_rewrite"], "target_new": "English"}},
+     "field 'requested_rewrite.target_new': expected an object with a 'str' field"),
+    ({"neighborhood_prompts": "Raymond Barre, a native"}, "field 'neighborhood_prompts': expected a list of strings"),
+    ({"paraphrase_prompts": ["ok", ""]}, "field 'paraphrase_prompts[1]': empty text"),
+])
+def test_a_broken_rome_form_record_is_named(tmp_path, change, problem):
+    assert f"record 0, {problem}" in edit_error(tmp_path, [{**ROME_RECORD, **change}])
 
 
 def test_bad_json_names_file_line_and_column(tmp_path):

@@ -120,7 +120,12 @@ def test_lm_eval_ls_lists_plugin_tasks_and_a_users_own_task_of_the_same_name_win
     for name, file in [("hardedit", "hardedit/hardedit.yaml"),
                        ("hardedit_locality", "hardedit/hardedit_locality.yaml"),
                        ("collapse_ppl_paper", "collapse_ppl/collapse_ppl_paper.yaml"),
-                       ("collapse_ppl_rolling", "collapse_ppl/collapse_ppl_rolling.yaml")]:
+                       ("collapse_ppl_rolling", "collapse_ppl/collapse_ppl_rolling.yaml"),
+                       ("prune_general", "prune_general/prune_general.yaml"),
+                       ("prune_reasoning", "prune_general/prune_reasoning.yaml"),
+                       ("prune_summarization", "prune_general/prune_summarization.yaml"),
+                       ("prune_open_qa", "prune_general/prune_open_qa.yaml"),
+                       ("prune_nli", "prune_general/prune_nli.yaml")]:
         assert location(name).endswith(file)
     assert re.search(r"^\|\s*collapse_ppl\s*\|$", out, re.MULTILINE), "collapse_ppl tag not listed"
 
