@@ -276,3 +276,43 @@ def test_readme_names_the_versions_ci_tests():
                     if "==" in line and not line.startswith("#"))
         assert f"transformers {pins['transformers']}" in setup, (constraints, pins)
         assert constraints in ci_script()
+
+
+def test_the_support_table_names_every_method_and_matches_the_plugin():
+    from prune_plugin.easyedit.editor import NOT_IN_PLACE, check_applicable
+
+    rows = [line.split("|")[1:3] for line in section("EasyEdit methods").splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    verdicts = {name.strip(): verdict.strip() for names, verdict in rows for name in names.split(",")}
+    assert len(verdicts) == 27  # the current EasyEdit's ALG_DICT
+    applies = [name for name, verdict in verdicts.items() if verdict.startswith("applies")]
+    assert len(applies) == 14
+    for name in applies:
+        check_applicable(name)
+    assert {name for name, verdict in verdicts.items() if verdict.startswith("not applicable")} == set(NOT_IN_PLACE) - {
+        "SERAC_MULTI", "ICE"}  # NOT_IN_PLACE also names the multimodal SERAC and ICE, which are not in ALG_DICT
+
+
+def test_the_covariance_block_runs_as_written(tmp_path):
+    import types
+
+    from tiny_models import CORPUS, tiny_llama
+
+    (code,) = blocks(section("EasyEdit methods"), "python")
+    model, tokenizer = tiny_llama()
+    model.config._name_or_path = "owner/tiny-llama"
+    hparams = types.SimpleNamespace(alg_name="MEMIT", layers=[1, 2], rewrite_module_tmp="model.layers.{}.mlp.down_proj",
+                                    stats_dir=str(tmp_path), mom2_dataset="wikipedia", mom2_n_samples=100,
+                                    mom2_dtype="float32")
+    namespace = {"model": model, "tokenizer": tokenizer, "hparams": hparams, "texts": [" ".join(CORPUS[:20])]}
+    exec(compile(code, "README.md (EasyEdit methods)", "exec"), namespace)
+    assert len(namespace["paths"]) == 2 and all(path.exists() for path in namespace["paths"])
+
+
+# The Python blocks above run; a new one fails this test until a test runs it too.
+RUN_PYTHON_BLOCKS = {"Quick start": 1, "lm-eval tasks": 1, "EasyEdit methods": 1}
+
+
+def test_every_python_block_of_the_readme_is_run():
+    found = {title: len(blocks(text, "python")) for title, text in sections().items() if blocks(text, "python")}
+    assert {title.split(":")[0]: count for title, count in found.items()} == RUN_PYTHON_BLOCKS

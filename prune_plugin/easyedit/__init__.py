@@ -20,8 +20,8 @@ from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
 from .hparams import patch_hparams_classes, prune_config_of
 
 __all__ = [
-    "activate", "deactivate", "autoactivate", "autoimport", "is_active", "session_of", "COMPAT_SWITCH", "NOT_IN_PLACE", "PruneNotApplicableError",
-    "prune_config_of", "target_parameters",
+    "activate", "deactivate", "autoactivate", "autoimport", "is_active", "session_of", "COMPAT_SWITCH",
+    "NOT_IN_PLACE", "PruneNotApplicableError", "prune_config_of", "target_parameters",
 ]
 
 LOG = logging.getLogger("prune_plugin")
