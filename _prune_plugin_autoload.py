@@ -16,7 +16,9 @@ import os
 import sys
 
 # Imported module -> "module:function" to call once it has loaded. lm_eval.tasks (not lm_eval) because
-# TaskManager lives there and plain `import lm_eval` should stay as cheap as lm-eval made it.
+# TaskManager lives there and plain `import lm_eval` should stay as cheap as lm-eval made it. That hook does
+# nothing where lm-eval reads the `lm_eval.tasks` entry points itself (lm-eval PR #4015; see
+# prune_plugin.lmeval.reads_task_entry_points), so tasks are never indexed twice.
 HOOKS = {
     "lm_eval.tasks": "prune_plugin.lmeval:register_entry_point_tasks",
     "easyeditor": "prune_plugin.easyedit:autoactivate",
