@@ -96,7 +96,9 @@ def forget_method_state(editor: Any) -> list[str]:
     """Reset what the editor's method keeps about past edits outside the weights (:data:`METHOD_STATE`, SimIE's
     instance on its hparams); returns what was reset, as "module.attribute"."""
     reset = []
-    package = type(editor).__module__.partition(".")[0]
+    # the easyeditor package the editor class comes from (past the plugin's own compat subclass, if any)
+    package = next((cls.__module__ for cls in type(editor).__mro__ if not cls.__module__.startswith("prune_plugin")),
+                   "easyeditor").partition(".")[0]
     for module_name, attr, fresh in METHOD_STATE.get(editor.alg_name, []):
         module = sys.modules.get(f"{package}.{module_name}")
         if module is not None and hasattr(module, attr):
