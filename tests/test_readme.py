@@ -23,7 +23,16 @@ import pytest
 import yaml
 
 from edit_fixtures import requires_easyeditor
-from lmeval_helpers import REPO, SENTENCES, lm_eval_command, offline_env, write_edit_records, write_sentences
+from lmeval_helpers import (
+    PTH_NAME,
+    REPO,
+    SENTENCES,
+    autoload_installed,
+    lm_eval_command,
+    offline_env,
+    write_edit_records,
+    write_sentences,
+)
 
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -112,6 +121,17 @@ print(_json.dumps({
 """
 
 
+def with_start_up_hook(code: str, tmp: Path) -> str:
+    """`code` as a pip-installed interpreter runs it; where the install is editable (no .pth in site-packages), a
+    copy of the .pth is processed first, as site.py would (the same as lmeval_helpers.lm_eval_command)."""
+    if autoload_installed():
+        return code
+    site_dir = tmp / "autoload-site"
+    site_dir.mkdir(exist_ok=True)
+    (site_dir / PTH_NAME).write_text((REPO / PTH_NAME).read_text(encoding="utf-8"), encoding="utf-8")
+    return f"import site; site.addsitedir({str(site_dir)!r})\n" + code
+
+
 @pytest.mark.slow
 @requires_easyeditor
 def test_quick_start_runs_as_written(tmp_path):
@@ -130,8 +150,8 @@ def test_quick_start_runs_as_written(tmp_path):
 
     env = offline_env()
     env.pop("PYTHONPATH", None)  # a user's interpreter: the installed package and its start-up hook, nothing else
-    proc = subprocess.run([sys.executable, "-c", python_blocks[0] + AFTER_QUICK_START], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", with_start_up_hook(python_blocks[0], tmp_path) + AFTER_QUICK_START],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["session"] and result["targets"] == ["transformer.h.1.mlp.c_proj.weight",
