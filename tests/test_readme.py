@@ -251,7 +251,8 @@ def check_shell_line(line: str) -> str:
     if words[:2] == ["python", "-m"]:
         import importlib.util
 
-        assert importlib.util.find_spec(words[2]) is not None, f"{line!r}: no module {words[2]}"
+        in_checkout = (REPO / (words[2].replace(".", "/") + ".py")).exists()  # run from the repository root
+        assert in_checkout or importlib.util.find_spec(words[2]) is not None, f"{line!r}: no module {words[2]}"
         return "python -m: the module exists"
     if words[:1] == ["lm_eval"] and "parallelize=True" in line:
         return "lm_eval on several GPUs: the same tasks as the command that runs"
