@@ -3,7 +3,9 @@
 `prune_plugin_autoload.pth` (installed into site-packages by `pip install .`, or by
 `python -m _prune_plugin_autoload install` for editable/dev installs) imports this module at interpreter start.
 It only puts a small finder at the front of sys.meta_path: when a module named in HOOKS is imported, the real
-import runs unchanged and then the hook's "module:function" is called with no arguments. Nothing else is
+import runs unchanged and then the hook's "module:function" is called with no arguments; a module named in AROUND
+is executed inside the context manager its "module:function" returns (easyeditor: placeholders for the packages
+it imports but cannot use here, so that a plain `import easyeditor` works where timm or cv2 cannot be installed). Nothing else is
 imported at start (no torch, lm_eval or prune_plugin), so it costs well under a millisecond, and it does nothing
 in a process that never imports a hooked module. PRUNE_PLUGIN_AUTOLOAD=0 switches it off. A failing hook is a
 warning; the user's import always succeeds.
@@ -14,10 +16,16 @@ import os
 import sys
 
 # Imported module -> "module:function" to call once it has loaded. lm_eval.tasks (not lm_eval) because
-# TaskManager lives there and plain `import lm_eval` should stay as cheap as lm-eval made it.
+# TaskManager lives there and plain `import lm_eval` should stay as cheap as lm-eval made it. That hook does
+# nothing where lm-eval reads the `lm_eval.tasks` entry points itself (lm-eval PR #4015; see
+# prune_plugin.lmeval.reads_task_entry_points), so tasks are never indexed twice.
 HOOKS = {
     "lm_eval.tasks": "prune_plugin.lmeval:register_entry_point_tasks",
     "easyeditor": "prune_plugin.easyedit:autoactivate",
+}
+# Imported module -> "module:function" returning a context manager that the module's execution runs in.
+AROUND = {
+    "easyeditor": "prune_plugin.easyedit:autoimport",
 }
 ENV_SWITCH = "PRUNE_PLUGIN_AUTOLOAD"
 PTH_NAME = "prune_plugin_autoload.pth"
@@ -28,23 +36,41 @@ def enabled():
     return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _warn(module_name, target, err):
+    import warnings
+
+    warnings.warn(
+        f"prune_plugin: the {module_name} hook {target} failed ({type(err).__name__}: {err}); "
+        f"{module_name} works as usual, without prune_plugin's additions. "
+        f"Set {ENV_SWITCH}=0 to skip the hook.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def run_hook(module_name, target):
-    """Call "module:function"; any failure becomes a warning naming the hook."""
+    """Call "module:function" and return its result; any failure becomes a warning naming the hook (and None)."""
     try:
         import importlib
 
         hook_module, _, function = target.partition(":")
-        getattr(importlib.import_module(hook_module), function)()
+        return getattr(importlib.import_module(hook_module), function)()
     except Exception as err:  # noqa: BLE001 - the user's import must never break because of us
-        import warnings
+        _warn(module_name, target, err)
+        return None
 
-        warnings.warn(
-            f"prune_plugin: the {module_name} hook {target} failed ({type(err).__name__}: {err}); "
-            f"{module_name} works as usual, without prune_plugin's additions. "
-            f"Set {ENV_SWITCH}=0 to skip the hook.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+
+def _enter_around(module_name, target):
+    """The entered context manager of an AROUND hook, or None when the hook failed (with a warning)."""
+    manager = run_hook(module_name, target)
+    if manager is None:
+        return None
+    try:
+        manager.__enter__()
+    except Exception as err:  # noqa: BLE001
+        _warn(module_name, target, err)
+        return None
+    return manager
 
 
 class _RunAfterExec:
@@ -60,9 +86,13 @@ class _RunAfterExec:
         return create(spec) if create is not None else None
 
     def exec_module(self, module):
+        around = self.finder.around.pop(self.module_name, None)
+        manager = _enter_around(self.module_name, around) if around is not None else None
         try:
             self.loader.exec_module(module)
         finally:
+            if manager is not None:
+                manager.__exit__(None, None, None)
             # Afterwards the module looks exactly as if we had never been there.
             module.__loader__ = self.loader
             if getattr(module, "__spec__", None) is not None:
@@ -81,11 +111,12 @@ class PostImportFinder:
 
     _prune_plugin_autoload = True  # recognisable even across module copies (e.g. run as __main__)
 
-    def __init__(self, hooks):
+    def __init__(self, hooks, around=None):
         self.pending = dict(hooks)
+        self.around = dict(around or {})
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.pending:
+        if fullname not in self.pending and fullname not in self.around:
             return None
         spec = None
         for finder in sys.meta_path:
@@ -101,14 +132,17 @@ class PostImportFinder:
         return spec
 
 
-def install(hooks=None):
-    """Put the finder on sys.meta_path (once); hooks for modules already imported run now."""
+def install(hooks=None, around=None):
+    """Put the finder on sys.meta_path (once); hooks for modules already imported run now (their AROUND hooks
+    come too late and are dropped)."""
     if not enabled():
         return None
     for finder in sys.meta_path:
         if getattr(finder, "_prune_plugin_autoload", False):
             return finder
-    finder = PostImportFinder(HOOKS if hooks is None else hooks)
+    finder = PostImportFinder(HOOKS if hooks is None else hooks, AROUND if around is None else around)
+    for name in [n for n in finder.around if n in sys.modules]:
+        del finder.around[name]
     for name in [n for n in finder.pending if n in sys.modules]:
         run_hook(name, finder.pending.pop(name))
     sys.meta_path.insert(0, finder)
@@ -151,6 +185,8 @@ def main(argv=None):
         print(f"hook active in this interpreter: {'yes' if active else 'no'}")
         for module_name, target in HOOKS.items():
             print(f"  {module_name} -> {target}")
+        for module_name, target in AROUND.items():
+            print(f"  {module_name} runs inside {target}")
     return 0
 
 

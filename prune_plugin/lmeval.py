@@ -16,6 +16,8 @@ import importlib.metadata
 import inspect
 import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -181,22 +183,69 @@ def _cached_plugin_dirs() -> tuple[Path, ...]:
     return tuple(entry_point_task_dirs())
 
 
-def register_entry_point_tasks() -> None:
-    """Teach lm-eval's TaskManager to index the `lm_eval.tasks` entry points' folders. Idempotent.
+# lm-eval PR #4015 ("Feat/plugin task registration", open) makes lm-eval read installed packages' `lm_eval.tasks`
+# entry points itself, in the order this module gives them (built-ins, then plugin tasks, then --include_path):
+# its TaskManager passes the group name to importlib.metadata.entry_points, directly or through a constant. Where
+# lm-eval's code (or a TaskManager subclass) does that, the folders must not come from us as well, or lm-eval would
+# index every plugin task twice.
+_READS_GROUP = re.compile(r"""entry_points\([^)]*["']lm_eval\.tasks["']|^\s*\w+\s*=\s*["']lm_eval\.tasks["']""",
+                          re.MULTILINE)
+
+
+def _names_group(source: str) -> bool:
+    return "entry_points" in source and bool(_READS_GROUP.search(source))
+
+
+@functools.lru_cache(maxsize=None)
+def _module_names_group(module_name: str) -> bool:
+    try:
+        return _names_group(inspect.getsource(sys.modules[module_name]))
+    except (KeyError, OSError, TypeError):  # gone, or built without source: assume it does not
+        return False
+
+
+def reads_task_entry_points(manager_cls: type) -> bool:
+    """Whether `manager_cls` (lm-eval's TaskManager or a subclass) reads the `lm_eval.tasks` entry points itself:
+    a class of its MRO names the group to entry_points, or a loaded module of lm-eval does."""
+    for cls in manager_cls.__mro__:
+        if cls is object:
+            continue
+        if cls.__module__ == "lm_eval" or cls.__module__.startswith("lm_eval."):
+            continue  # lm-eval's own classes: their whole modules are read below
+        try:
+            if _names_group(inspect.getsource(cls)):
+                return True
+        except (OSError, TypeError):
+            pass
+    return any(_module_names_group(name) for name in sorted(sys.modules)
+               if name == "lm_eval" or name.startswith("lm_eval."))
+
+
+def register_entry_point_tasks(manager_cls: type | None = None) -> None:
+    """Teach lm-eval's TaskManager (or `manager_cls`) to index the `lm_eval.tasks` entry points' folders.
+    Idempotent, and a no-op where lm-eval reads that group itself (:func:`reads_task_entry_points`), also for
+    subclasses that do.
 
     They are indexed like installed tasks: after lm-eval's built-ins and before the user's include_path, and
     only when include_defaults is true (include_defaults=False keeps meaning "only my include_path").
     Nothing else about TaskManager changes: its include_path attribute still shows what the caller passed.
     """
-    from lm_eval.tasks.manager import TaskManager
+    if manager_cls is None:
+        from lm_eval.tasks.manager import TaskManager as manager_cls
 
+    TaskManager = manager_cls
     original = TaskManager.__init__
     if getattr(original, _WRAPPED_MARK, False):
+        return
+    if reads_task_entry_points(TaskManager):
+        log.debug("%s reads the %s entry points itself; not adding them", TaskManager.__qualname__, ENTRY_POINT_GROUP)
         return
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if reads_task_entry_points(type(self)):  # a subclass that reads them itself
+            return original(self, *args, **kwargs)
         try:
             bound = signature.bind(self, *args, **kwargs)
         except TypeError:

@@ -5,6 +5,7 @@ Every check runs in a fresh interpreter, because the hook lives in sys.meta_path
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import _prune_plugin_autoload as autoload
+from edit_fixtures import requires_easyeditor
 from lmeval_helpers import REPO
 
 HEAVY = ("torch", "lm_eval", "prune_plugin", "transformers", "easyeditor")
@@ -138,6 +140,7 @@ def test_prune_plugin_autoload_0_switches_the_hook_off():
 def test_the_hooks_name_lm_eval_and_easyeditor():
     assert autoload.HOOKS == {"lm_eval.tasks": "prune_plugin.lmeval:register_entry_point_tasks",
                               "easyeditor": "prune_plugin.easyedit:autoactivate"}
+    assert autoload.AROUND == {"easyeditor": "prune_plugin.easyedit:autoimport"}
 
 
 def test_shipped_pth_file_is_the_line_the_command_installs():
@@ -178,3 +181,160 @@ def test_status_reports_the_switch_and_the_hooks(tmp_path):
     out = command("status", "--site-dir", str(tmp_path)).stdout
     assert "PRUNE_PLUGIN_AUTOLOAD: 1 -> on" in out
     assert "lm_eval.tasks -> prune_plugin.lmeval:register_entry_point_tasks" in out
+
+
+@pytest.fixture
+def around_hooks(fake_library: Path) -> Path:
+    """fakelib records, while it executes, what the AROUND hook's context manager has set."""
+    (fake_library / "fakelib" / "__init__.py").write_text(
+        "import sys\ncalls = []\nVALUE = 41\nSEEN = list(getattr(sys, '_trace', []))\n", encoding="utf-8")
+    (fake_library / "aroundhooks.py").write_text(textwrap.dedent("""
+        import contextlib, sys
+        @contextlib.contextmanager
+        def trace():
+            sys._trace = ["entered"]
+            try:
+                yield
+            finally:
+                sys._trace.append("left")
+        def explode():
+            raise RuntimeError("no context")
+        class _Broken:
+            def __enter__(self):
+                raise RuntimeError("cannot enter")
+            def __exit__(self, *exc):
+                pass
+        def broken():
+            return _Broken()
+    """), encoding="utf-8")
+    return fake_library
+
+
+def test_an_around_hook_wraps_the_execution_of_the_module(around_hooks):
+    out = python("""
+        import sys, _prune_plugin_autoload as a
+        sys.meta_path.insert(0, a.PostImportFinder({}, {"fakelib": "aroundhooks:trace"}))
+        import fakelib
+        print(fakelib.SEEN, sys._trace)
+    """, cwd=around_hooks).stdout
+    assert out.split() == ["['entered']", "['entered',", "'left']"]
+
+
+@pytest.mark.parametrize("hook, message", [("explode", "RuntimeError: no context"),
+                                           ("broken", "RuntimeError: cannot enter")])
+def test_a_failing_around_hook_is_a_warning_and_the_import_still_works(around_hooks, hook, message):
+    proc = python(f"""
+        import sys, warnings, _prune_plugin_autoload as a
+        warnings.simplefilter("always")
+        sys.meta_path.insert(0, a.PostImportFinder({{}}, {{"fakelib": "aroundhooks:{hook}"}}))
+        import fakelib
+        print(fakelib.VALUE, fakelib.SEEN)
+    """, cwd=around_hooks)
+    assert proc.stdout.split() == ["41", "[]"]
+    assert f"the fakelib hook aroundhooks:{hook} failed ({message})" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- easyeditor
+
+needs_placeholders = pytest.mark.skipif(
+    any(importlib.util.find_spec(n) is not None for n in ("timm", "cv2")),
+    reason="timm or cv2 is installed here: easyeditor would import them without placeholders")
+
+
+@requires_easyeditor
+@needs_placeholders
+def test_a_plain_import_easyeditor_works_where_timm_and_cv2_are_missing():
+    out = python("""
+        import sys
+        import easyeditor
+        from easyeditor import BaseEditor, ROMEHyperParams
+        import prune_plugin.easyedit as pe
+        missing = []
+        for name in ("timm", "cv2"):
+            try:
+                __import__(name)
+            except ImportError:
+                missing.append(name)
+        print(pe.is_active(), missing, [n for n in ("timm", "cv2") if n in sys.modules])
+    """, env={"PYTHONPATH": ""}).stdout
+    assert out.split() == ["True", "['timm',", "'cv2']", "[]"]  # active, and timm/cv2 still absent for others
+
+
+@requires_easyeditor
+@needs_placeholders
+@pytest.mark.parametrize("switch", ["PRUNE_PLUGIN_EASYEDIT_COMPAT", "PRUNE_PLUGIN_AUTOLOAD"])
+def test_the_compat_layer_switches_off(switch):
+    out = python("""
+        try:
+            import easyeditor
+            print("imported")
+        except ImportError as err:
+            print(type(err).__name__)
+    """, env={switch: "0", "PYTHONPATH": ""}).stdout
+    assert out.split() == ["ModuleNotFoundError"]  # easyeditor's own failure, as without the plugin
+
+
+@requires_easyeditor
+def test_the_compat_layer_uses_a_package_that_imports(tmp_path):
+    """Where a package exists, easyeditor gets it, not a placeholder (a stand-in cv2 plays the installed one)."""
+    (tmp_path / "cv2").mkdir()
+    (tmp_path / "cv2" / "__init__.py").write_text("REAL = True\n", encoding="utf-8")
+    out = python("""
+        import sys
+        import easyeditor
+        users = [m for name, m in list(sys.modules.items())
+                 if name.startswith("easyeditor.") and getattr(m, "cv2", None) is not None]
+        print(bool(users), all(getattr(m.cv2, "REAL", False) for m in users), "cv2" in sys.modules)
+    """, env={"PYTHONPATH": str(tmp_path)}).stdout
+    assert out.split() == ["True", "True", "True"]
+
+
+# --------------------------------------------------------------------------------------------- lm-eval upstream
+
+# A TaskManager as lm-eval 0.4.13 has it (records what it indexes), and one that reads the entry-point group
+# itself, as lm-eval PR #4015 proposes: installed packages' task folders first, then the user's include_path.
+UPSTREAM = '''
+import importlib.metadata
+
+
+class TaskManager:
+    def __init__(self, verbosity=None, include_path=None, include_defaults=True, metadata=None):
+        self.indexed = list(include_path or [])
+
+
+class ReadsTheGroup(TaskManager):
+    def __init__(self, verbosity=None, include_path=None, include_defaults=True, metadata=None):
+        plugins = [str(d) for d in entry_point_dirs(importlib.metadata.entry_points(group="lm_eval.tasks"))]
+        super().__init__(verbosity, plugins + list(include_path or []), include_defaults, metadata)
+'''
+
+
+@pytest.fixture
+def managers(tmp_path, monkeypatch):
+    (tmp_path / "fake_lm_eval_manager.py").write_text(
+        "from prune_plugin.lmeval import entry_point_task_dirs as entry_point_dirs\n" + UPSTREAM, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fake_lm_eval_manager
+
+    yield fake_lm_eval_manager
+    sys.modules.pop("fake_lm_eval_manager", None)
+
+
+def test_a_task_manager_that_reads_the_group_itself_indexes_our_tasks_once(managers, tmp_path):
+    from prune_plugin import lmeval
+
+    ours = str(lmeval.task_dir())
+    mine = str(tmp_path / "my-tasks")
+    assert not lmeval.reads_task_entry_points(managers.TaskManager)
+    assert lmeval.reads_task_entry_points(managers.ReadsTheGroup)
+    lmeval.register_entry_point_tasks(managers.TaskManager)  # what the start-up hook does to lm-eval's class
+    assert [str(p) for p in managers.TaskManager(include_path=[mine]).indexed] == [ours, mine]
+    assert [str(p) for p in managers.ReadsTheGroup(include_path=[mine]).indexed] == [ours, mine]  # not ours twice
+
+
+def test_the_hook_leaves_a_task_manager_that_reads_the_group_alone(managers):
+    from prune_plugin import lmeval
+
+    original = managers.ReadsTheGroup.__init__
+    lmeval.register_entry_point_tasks(managers.ReadsTheGroup)
+    assert managers.ReadsTheGroup.__init__ is original

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from edit_fixtures import requires_easyeditor
 from prune_plugin.originals import fingerprint
 from prune_plugin.restraint import restrain_delta, restrain_dense_reference, restrain_parameter
 from prune_plugin.spectrum import largest_singular_value
@@ -27,6 +28,7 @@ def smoke(tmp_path_factory):
     return json.loads(out.read_text()), done.stdout
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_smoke_runs_every_benchmark_and_prints_its_table(smoke):
     results, stdout = smoke
     assert set(results["benchmarks"]) == {"restraint", "spectrum", "memory", "sequential", "perplexity",
@@ -37,6 +39,7 @@ def test_smoke_runs_every_benchmark_and_prints_its_table(smoke):
         assert title in stdout
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_plugin_and_official_baseline_agree(smoke):
     records = smoke[0]["benchmarks"]["restraint"]["records"]
     assert records and any(r["path"] == "dense" for r in records) and any(r["path"] == "lowrank" for r in records)
@@ -48,6 +51,7 @@ def test_plugin_and_official_baseline_agree(smoke):
     assert sum(r["n_restrained"] for r in records) > 0  # the restraint really acted
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_every_agreement_check_passed(smoke):
     for bench in smoke[0]["benchmarks"].values():
         for check in bench["checks"]:
@@ -55,6 +59,7 @@ def test_every_agreement_check_passed(smoke):
                 assert check["ok"], check["text"]
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_memory_probes_report_kept_and_peak_bytes(smoke):
     (record,) = smoke[0]["benchmarks"]["memory"]["records"]
     size = record["begin"]["matrix_bytes"]
@@ -63,12 +68,14 @@ def test_memory_probes_report_kept_and_peak_bytes(smoke):
         assert record[probe]["peak_extra"] is None or record[probe]["peak_extra"] >= 0
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_sequential_ranks_grow_with_the_edits(smoke):
     bench = smoke[0]["benchmarks"]["sequential"]
     assert [r["rank"] for r in bench["records"]] == [r["edits"] for r in bench["records"]]
     assert bench["sequence"]["restrained_edits"] == bench["sequence"]["edits"]
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_rome_overhead_times_real_rome_edits_with_and_without_the_guard(smoke):
     records = smoke[0]["benchmarks"]["rome_overhead"]["records"]
     assert len(records) == 2 and all(r["edits"] == 3 and r["restrained"] > 0 for r in records)
@@ -80,6 +87,7 @@ def test_rome_overhead_times_real_rome_edits_with_and_without_the_guard(smoke):
     assert plain["part_shares"]["guard"] == 0 < guarded["part_shares"]["guard"]
 
 
+@requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_perplexity_scorers_include_lm_eval_and_agree_with_the_floor(smoke):
     records = smoke[0]["benchmarks"]["perplexity"]["records"]
     assert {r["scorer"] for r in records} == {"lm-eval collapse_ppl_paper", "sampler", "proposed scoring"}

@@ -17,9 +17,10 @@ from prune_plugin.easyedit import legacy
 from prune_plugin.easyedit.covariance import precompute_covariance
 from prune_plugin.plugins.telemetry import read_telemetry
 from prune_plugin.restraint import restrain_values
+from edit_fixtures import requires_easyeditor
 from test_legacy_compat import ARCH, METHOD, changed, sentences, snapshot, tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, requires_easyeditor]
 
 REQUESTS = dict(
     prompts=["The mother tongue of Danielle Darrieux", "The official language of Brazil", "Toyota is a company from"],

@@ -19,8 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import prune_plugin
 from prune_plugin.easyedit import legacy
 from prune_plugin.easyedit.covariance import covariance_path, precompute_covariance
+from edit_fixtures import requires_easyeditor
 from tiny_models import CORPUS, tiny_gpt2, tiny_llama, train_tokenizer
 
+pytestmark = requires_easyeditor
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens where CUDA is missing")
 
 # Where each tiny architecture keeps what the methods name in their hparams.

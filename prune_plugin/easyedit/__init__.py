@@ -9,22 +9,32 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
-from typing import Any
+from typing import Any, ContextManager
 
 from ..session import EditSession, extra_config_keys, make_plugin_manager
 from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
 from .hparams import patch_hparams_classes, prune_config_of
 
 __all__ = [
-    "activate", "deactivate", "autoactivate", "is_active", "session_of", "NOT_IN_PLACE", "PruneNotApplicableError",
-    "prune_config_of", "target_parameters",
+    "activate", "deactivate", "autoactivate", "autoimport", "is_active", "session_of", "COMPAT_SWITCH",
+    "NOT_IN_PLACE", "PruneNotApplicableError", "prune_config_of", "target_parameters",
 ]
 
 LOG = logging.getLogger("prune_plugin")
 _undo: list[tuple[type, str, Any]] = []
+
+AUTOLOAD_SWITCH = "PRUNE_PLUGIN_AUTOLOAD"
+#: Set to 0 to keep the automatic parts of the compat layer for the packaged easyeditor off (placeholders during a
+#: plain ``import easyeditor``, the CPU redirect around ``BaseEditor``), while activation still happens.
+COMPAT_SWITCH = "PRUNE_PLUGIN_EASYEDIT_COMPAT"
+
+
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def activate(easyeditor: Any = None) -> None:
@@ -41,6 +51,10 @@ def activate(easyeditor: Any = None) -> None:
     extra = extra_config_keys(make_plugin_manager())
     patch_hparams_classes(hparams_base, extra, _undo)
     patch_editor_class(editor_cls, _undo)
+    if not _switched_off(COMPAT_SWITCH):
+        from .legacy import patch_legacy_editor_class
+
+        patch_legacy_editor_class(editor_cls, _undo)  # the packaged 0.0.1.dev0 only: CPU redirect, decoder tuples
 
 
 def deactivate() -> None:
@@ -56,9 +70,20 @@ def is_active() -> bool:
 
 def autoactivate(easyeditor: Any = None) -> None:
     """Called by the start-up hook right after `import easyeditor`; PRUNE_PLUGIN_AUTOLOAD=0 switches it off."""
-    if os.environ.get("PRUNE_PLUGIN_AUTOLOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(AUTOLOAD_SWITCH):
         return
     activate(easyeditor)
+
+
+def autoimport() -> ContextManager[Any]:
+    """Called by the start-up hook around a plain `import easyeditor`: placeholders for the packages easyeditor
+    imports but its in-place methods never use, where they do not import (see legacy.import_placeholders).
+    PRUNE_PLUGIN_EASYEDIT_COMPAT=0 (or PRUNE_PLUGIN_AUTOLOAD=0) switches it off."""
+    if _switched_off(AUTOLOAD_SWITCH) or _switched_off(COMPAT_SWITCH):
+        return contextlib.nullcontext()
+    from .legacy import import_placeholders
+
+    return import_placeholders()
 
 
 def session_of(editor: Any) -> EditSession | None:

@@ -1,21 +1,31 @@
-"""Covariance statistics for the packaged EasyEdit's MEMIT (and ROME with ``mom2_adjustment``), from local texts.
+"""Covariance statistics for EasyEdit's MEMIT-family methods (and ROME with ``mom2_adjustment``), from local texts.
 
-easyeditor's ``layer_stats`` looks for a cached ``.npz`` of the second moment E[k kᵀ] of the keys (the inputs of the
+EasyEdit's ``layer_stats`` looks for a cached ``.npz`` of the second moment E[k kᵀ] of the keys (the inputs of the
 rewritten module) and, when it is missing, downloads Wikipedia through the dataset hub. This module writes that file
-from a corpus you supply, at the path and with the keys ``layer_stats`` reads, so no hub is needed.
+from a corpus you supply, at the path and with the keys ``layer_stats`` reads, so no hub is needed. Both EasyEdit
+generations read the same file format, but name the model's folder differently:
+
+* the packaged 0.0.1.dev0: ``config._name_or_path`` with every "/" replaced by "_" (``/models/gpt2`` -> ``_models_gpt2``);
+* the current EasyEdit (GitHub; its ``layer_stats`` since 2024): the last path component (``/models/gpt2`` -> ``gpt2``,
+  ``EleutherAI/gpt-j-6B`` -> ``gpt-j-6B``).
+
+The file is written where the EasyEdit that owns `hparams` looks (the package its class comes from), or where the
+installed easyeditor looks when `hparams` is a plain object; ``generation=`` says it explicitly.
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["covariance_path", "precompute_covariance"]
+__all__ = ["Generation", "covariance_path", "easyedit_generation", "precompute_covariance", "stats_model_name"]
 
+Generation = Literal["legacy", "current"]
 _REQUIRED = ("stats_dir", "mom2_dataset", "mom2_n_samples", "mom2_dtype", "rewrite_module_tmp", "layers")
 
 
@@ -23,31 +33,62 @@ def _check_hparams(hparams: Any) -> None:
     missing = [key for key in _REQUIRED if not hasattr(hparams, key)]
     if missing:
         raise ValueError(f"{getattr(hparams, 'alg_name', type(hparams).__name__)} hparams have no {missing}: only "
-                         "methods with covariance statistics (MEMIT, ROME) use precompute_covariance")
+                         "methods with covariance statistics (MEMIT, ROME, EMMET, AlphaEdit, PMET, ...) use "
+                         "precompute_covariance")
 
 
 def _max_positions(model: torch.nn.Module) -> int:
     # the same order of config fields as layer_stats, which truncates every text to this length
-    for key in ("n_positions", "max_sequence_length", "max_position_embeddings"):
+    for key in ("n_positions", "max_sequence_length", "max_position_embeddings", "seq_length"):
         if hasattr(model.config, key):
             return int(getattr(model.config, key))
     raise ValueError(f"{type(model.config).__name__} names no maximum sequence length")
 
 
-def covariance_path(model: torch.nn.Module, hparams: Any, layer: int) -> Path:
-    """Where easyeditor's ``layer_stats`` looks for the statistics of `layer`'s rewritten module.
+def easyedit_generation(hparams: Any = None) -> Generation:
+    """Which EasyEdit generation's conventions apply: that of the easyeditor package `hparams`' class comes from,
+    else that of the installed easyeditor distribution, else "current"."""
+    from .legacy import installed_easyeditor_version, is_legacy_easyeditor
 
-    ``{stats_dir}/{config._name_or_path with / as _}/{mom2_dataset}_stats/{module}_{mom2_dtype}_mom2_{mom2_n_samples}.npz``
+    package = sys.modules.get(type(hparams).__module__.partition(".")[0]) if hparams is not None else None
+    if package is not None and hasattr(package, "BaseEditor"):
+        return "legacy" if is_legacy_easyeditor(package) else "current"
+    if installed_easyeditor_version() is not None:
+        return "legacy" if is_legacy_easyeditor() else "current"
+    return "current"
+
+
+def stats_model_name(model: torch.nn.Module, generation: Generation) -> str:
+    """The folder under ``stats_dir`` that `generation`'s ``layer_stats`` names after the model."""
+    name_or_path = model.config._name_or_path
+    name = name_or_path.replace("/", "_") if generation == "legacy" else name_or_path.rsplit("/")[-1]
+    if not name:
+        # layer_stats would join "/{dataset}_stats/..." onto stats_dir, i.e. look in the filesystem root
+        raise ValueError(f"model.config._name_or_path is empty{' after its last /' if name_or_path else ''} "
+                         f"({name_or_path!r}); EasyEdit names the statistics folder after it, so set it (e.g. to the "
+                         "checkpoint's name) before editing")
+    return name
+
+
+def _templates(hparams: Any) -> list[str]:
+    # PMET rewrites several modules per layer (rewrite_module_tmps) and reads a covariance for each
+    templates = getattr(hparams, "rewrite_module_tmps", None) or [hparams.rewrite_module_tmp]
+    return list(dict.fromkeys(templates))
+
+
+def covariance_path(model: torch.nn.Module, hparams: Any, layer: int, *, module_template: str | None = None,
+                    generation: Generation | None = None) -> Path:
+    """Where EasyEdit's ``layer_stats`` looks for the statistics of `layer`'s rewritten module.
+
+    ``{stats_dir}/{model folder}/{mom2_dataset}_stats/{module}_{mom2_dtype}_mom2_{mom2_n_samples}.npz``, the model
+    folder named as `generation` (default: :func:`easyedit_generation` of `hparams`) does. `module_template`
+    defaults to ``hparams.rewrite_module_tmp``.
     """
     _check_hparams(hparams)
-    model_name = model.config._name_or_path.replace("/", "_")
-    if not model_name:
-        # layer_stats would join "/{dataset}_stats/..." onto stats_dir, i.e. look in the filesystem root
-        raise ValueError("model.config._name_or_path is empty; easyeditor names the statistics file after it, so set "
-                         "it (e.g. to the checkpoint's name) before editing")
+    model_name = stats_model_name(model, generation or easyedit_generation(hparams))
     precision = hparams.mom2_dtype or "float64"
     size_suffix = "" if hparams.mom2_n_samples is None else f"_{hparams.mom2_n_samples}"
-    module = hparams.rewrite_module_tmp.format(layer)
+    module = (module_template or hparams.rewrite_module_tmp).format(layer)
     return Path(hparams.stats_dir) / f"{model_name}/{hparams.mom2_dataset}_stats/{module}_{precision}_mom2{size_suffix}.npz"
 
 
@@ -56,14 +97,17 @@ class _Stop(Exception):
 
 
 def precompute_covariance(model: torch.nn.Module, tok: Any, hparams: Any, texts: Sequence[str], *,
-                          batch_size: int = 16, overwrite: bool = False) -> list[Path]:
-    """Write, for every layer in ``hparams.layers``, the uncentred second moment of the inputs of
-    ``rewrite_module_tmp`` over the tokens of `texts`, where easyeditor's MEMIT/ROME will find it.
+                          batch_size: int = 16, overwrite: bool = False,
+                          generation: Generation | None = None) -> list[Path]:
+    """Write, for every layer in ``hparams.layers`` (and every module template, for PMET's
+    ``rewrite_module_tmps``), the uncentred second moment of the rewritten module's inputs over the tokens of
+    `texts`, where EasyEdit's ``layer_stats`` will find it (see :func:`covariance_path`).
 
-    One forward pass per batch serves all layers and stops after the deepest one. Texts are tokenized and truncated
-    as ``layer_stats`` does. Existing files are kept unless `overwrite`. Returns the paths, in layer order.
+    One forward pass per batch serves all modules and stops after the deepest one. Texts are tokenized and
+    truncated as ``layer_stats`` does. Existing files are kept unless `overwrite`. Returns the paths, in layer
+    order (templates in hparams order within a layer).
 
-    easyeditor only accepts a file whose ``sample_size`` equals ``hparams.mom2_n_samples`` (its cache key), so that
+    EasyEdit only accepts a file whose ``sample_size`` equals ``hparams.mom2_n_samples`` (its cache key), so that
     value is recorded whatever the number of texts; the number of token vectors is the stat's ``count`` and the number
     of texts is stored as ``n_texts``.
     """
@@ -72,35 +116,39 @@ def precompute_covariance(model: torch.nn.Module, tok: Any, hparams: Any, texts:
         raise ValueError("texts must be a non-empty sequence of non-empty strings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
-    layers = sorted(set(hparams.layers))
-    paths = {layer: covariance_path(model, hparams, layer) for layer in layers}
-    todo = [layer for layer in layers if overwrite or not paths[layer].exists()]
+    generation = generation or easyedit_generation(hparams)
+    jobs = [(layer, template) for layer in sorted(set(hparams.layers)) for template in _templates(hparams)]
+    paths = {job: covariance_path(model, hparams, job[0], module_template=job[1], generation=generation)
+             for job in jobs}
+    todo = [job for job in jobs if overwrite or not paths[job].exists()]
     if not todo:
-        return [paths[layer] for layer in layers]
+        return [paths[job] for job in jobs]
 
-    modules = {layer: model.get_submodule(hparams.rewrite_module_tmp.format(layer)) for layer in todo}
+    modules = {job: model.get_submodule(job[1].format(job[0])) for job in todo}
+    names = {module: name for name, module in model.named_modules()}
+    deepest = max(modules.values(), key=list(names).index)  # the last of them in the forward pass
     dtype = getattr(torch, hparams.mom2_dtype or "float64")
     max_len = _max_positions(model)
     device = next(model.parameters()).device
-    sums: dict[int, torch.Tensor] = {}
+    sums: dict[tuple[int, str], torch.Tensor] = {}
     counts = dict.fromkeys(todo, 0)
     mask: torch.Tensor | None = None
 
-    def collect(layer: int) -> Any:
+    def collect(job: tuple[int, str]) -> Any:
         def hook(module: torch.nn.Module, inputs: tuple) -> None:
             keys = inputs[0].reshape(-1, inputs[0].shape[-1])[mask.reshape(-1)].to(torch.float64)
-            if layer in sums:
-                sums[layer].addmm_(keys.T, keys)
+            if job in sums:
+                sums[job].addmm_(keys.T, keys)
             else:
-                sums[layer] = keys.T @ keys
-            counts[layer] += keys.shape[0]
+                sums[job] = keys.T @ keys
+            counts[job] += keys.shape[0]
         return hook
 
     def stop(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
         raise _Stop
 
-    handles = [modules[layer].register_forward_pre_hook(collect(layer)) for layer in todo]
-    handles.append(modules[todo[-1]].register_forward_hook(stop))
+    handles = [modules[job].register_forward_pre_hook(collect(job)) for job in todo]
+    handles.append(deepest.register_forward_hook(stop))
     try:
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
@@ -121,16 +169,16 @@ def precompute_covariance(model: torch.nn.Module, tok: Any, hparams: Any, texts:
         for handle in handles:
             handle.remove()
 
-    for layer in todo:
-        _save(paths[layer], {
+    for job in todo:
+        _save(paths[job], {
             # the state_dict of easyeditor's CombinedStat(mom2=SecondMoment()) plus tally's cache key
             "mom2.constructor": np.array("easyeditor.util.runningstats.SecondMoment()"),
-            "mom2.count": np.array(counts[layer]),
-            "mom2.mom2": sums[layer].to(dtype).cpu().numpy(),
+            "mom2.count": np.array(counts[job]),
+            "mom2.mom2": sums[job].to(dtype).cpu().numpy(),
             "sample_size": np.array(hparams.mom2_n_samples),
             "n_texts": np.array(len(texts)),
         })
-    return [paths[layer] for layer in layers]
+    return [paths[job] for job in jobs]
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -23,11 +23,20 @@ def load_hparams(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as stream:
         alg_name = (yaml.safe_load(stream) or {}).get("alg_name")
     easyeditor = easyeditor_module()
-    names = {"R-ROME": "R_ROMEHyperParams", "FT": "FTHyperParams"}
-    cls = getattr(easyeditor, names.get(alg_name, f"{alg_name}HyperParams"), None)
+    cls = hparams_class(easyeditor, alg_name) if isinstance(alg_name, str) else None
     if cls is None:
         raise ValueError(f"{path}: alg_name {alg_name!r} is not an editing method of the installed easyeditor")
     return cls.from_hparams(os.fspath(path))
+
+
+def hparams_class(easyeditor: Any, alg_name: str) -> type | None:
+    """The easyeditor's XHyperParams class for `alg_name`: "R-ROME" -> R_ROMEHyperParams, "MEMIT-FE" ->
+    MEMITFEHyperParams, "ULTRAEDIT" -> UltraEditHyperParams (names compared without case, "-" and "_")."""
+    def key(name: str) -> str:
+        return name.replace("-", "").replace("_", "").lower()
+
+    found = [name for name in dir(easyeditor) if name.endswith("HyperParams") and key(name[:-11]) == key(alg_name)]
+    return getattr(easyeditor, found[0]) if len(found) == 1 else None
 
 
 def build_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> Any:

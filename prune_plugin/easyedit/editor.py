@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from typing import Any, Callable
 
 import torch
@@ -25,9 +26,29 @@ NOT_IN_PLACE = {
     "LoRA": "adapter weights (peft)", "QLoRA": "adapter weights (peft)", "MELO": "LoRA blocks in a vector database",
     "GRACE": "a codebook adaptor", "WISE": "a side memory", "SERAC": "a separate counterfactual model",
     "SERAC_MULTI": "a separate counterfactual model", "IKE": "in-context demonstrations", "ICE": "in-context learning",
-    "MEND": "a hypernetwork applied on a copy", "KN": "a patch function over neurons", "DEFER": "a deferral model",
+    "MEND": "a hypernetwork applied on a copy", "DEFER": "a deferral model",
     "FT-Api": "a remote API", "DeepEdit-Api": "a remote API", "DPO": "adapter weights (peft)",
-    "ULTRAEDIT": "a lifelong editor with its own state",
+    # ULTRAEDIT does add its shifts to weights, but through one module-level executor that keeps the first model it
+    # was given (and a lifelong normalizer fitted to every edit so far): later editors' models are not the ones it
+    # edits, and W0 restored under it leaves the normalizer describing edits that no longer exist.
+    "ULTRAEDIT": "its module-level executor, bound to the first model it saw, with a lifelong normalizer",
+}
+
+#: In-place methods whose hparams do not say which matrices they write: they need `prune_targets`.
+NEEDS_TARGETS = {
+    # KN's patch adds to rows/columns of the MLP output matrices of the layers holding the neurons it finds,
+    # which are known only after it ran; the current EasyEdit keeps the patch in sequential mode, 0.0.1.dev0
+    # removes it after each edit (then there is nothing to restrain).
+    "KN": "the MLP output matrices of every layer KN may patch (e.g. model.layers.{i}.mlp.down_proj.weight)",
+}
+
+#: Module-level state some methods keep about the edits so far, beside the weights: (module of the installed
+#: easyeditor, attribute, value meaning "no edits yet"). After session.restore() has put W0 back it describes
+#: edits that no longer exist, so the plugin resets it and the next sequence starts as the first one did.
+#: AlphaEdit's and SPHERE's null-space projection P depends only on W0's key statistics and stays.
+METHOD_STATE = {
+    "AlphaEdit": [("models.alphaedit.AlphaEdit_main", "cache_c_new", False)],  # cache_c: Σ k kᵀ of past edits
+    "SPHERE": [("models.SPHERE.SPHERE_main", "cache_c_new", False)],
 }
 
 _EDIT_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "normal_edit", "generate_edit")
@@ -46,8 +67,13 @@ def target_parameters(model: torch.nn.Module, hparams: Any, config: PruneConfig)
         if missing:
             raise KeyError(f"prune_targets: {type(model).__name__} has no parameter {missing[0]!r}")
         return list(config.prune_targets)
-    templates = getattr(hparams, "rewrite_module_tmps", None) or [getattr(hparams, "rewrite_module_tmp", None)]
-    layers = getattr(hparams, "layers", None)
+    if hparams.alg_name in NEEDS_TARGETS:
+        raise PruneNotApplicableError(
+            f"{hparams.alg_name} edits weights in place, but its hparams do not say which: name "
+            f"{NEEDS_TARGETS[hparams.alg_name]} with prune_targets: [parameter names]")
+    source = _template_source(hparams)
+    templates = getattr(source, "rewrite_module_tmps", None) or [getattr(source, "rewrite_module_tmp", None)]
+    layers = getattr(source, "layers", None)
     if not all(isinstance(t, str) for t in templates) or not layers:
         raise PruneNotApplicableError(
             f"{hparams.alg_name}: cannot tell which weights the method edits (no rewrite_module_tmp/layers in its "
@@ -59,12 +85,51 @@ def target_parameters(model: torch.nn.Module, hparams: Any, config: PruneConfig)
     return found
 
 
+def _template_source(hparams: Any) -> Any:
+    """The hparams naming the edited modules: SimIE's are those of the base method it wraps (ROME, MEMIT, ...)."""
+    if getattr(hparams, "rewrite_module_tmp", None) is None and getattr(hparams, "_base_hparams", None) is not None:
+        return hparams._base_hparams
+    return hparams
+
+
+def forget_method_state(editor: Any) -> list[str]:
+    """Reset what the editor's method keeps about past edits outside the weights (:data:`METHOD_STATE`, SimIE's
+    instance on its hparams); returns what was reset, as "module.attribute"."""
+    reset = []
+    # the easyeditor package the editor class comes from (past the plugin's own compat subclass, if any)
+    package = next((cls.__module__ for cls in type(editor).__mro__ if not cls.__module__.startswith("prune_plugin")),
+                   "easyeditor").partition(".")[0]
+    for module_name, attr, fresh in METHOD_STATE.get(editor.alg_name, []):
+        module = sys.modules.get(f"{package}.{module_name}")
+        if module is not None and hasattr(module, attr):
+            setattr(module, attr, fresh)
+            reset.append(f"{module_name}.{attr}")
+    if getattr(editor.hparams, "_simie_instance", None) is not None:  # SimIE keeps its W copies and P there
+        editor.hparams._simie_instance = None
+        reset.append("hparams._simie_instance")
+    return reset
+
+
+def _restore_and_forget(session: EditSession, editor: Any) -> Callable[[], None]:
+    restore = session.restore
+
+    @functools.wraps(restore)
+    def restore_all() -> None:
+        restore()
+        forgotten = forget_method_state(editor)
+        if forgotten:
+            LOG.info("prune-plugin: W0 restored; %s reset, so the next sequence starts afresh", ", ".join(forgotten))
+
+    return restore_all
+
+
 def check_applicable(alg_name: str) -> None:
     if alg_name in NOT_IN_PLACE:
         raise PruneNotApplicableError(
             f"PRUNE does not apply to {alg_name}: it keeps its edits in {NOT_IN_PLACE[alg_name]}, not in the model's "
             "weight matrices, so there is no accumulated dW = W - W0 to restrain. Remove the prune_* keys, or use a "
-            "method that edits weights in place (ROME, MEMIT, FT, EMMET, AlphaEdit, R-ROME).")
+            "method that edits weights in place (ROME, R-ROME, MEMIT, MEMIT-FE, PMET, EMMET, EAMET, AlphaEdit, SPHERE, "
+            "CORE, FT, DINM, SimIE, KN; see the README's support table).")
 
 
 def attach_session(editor: Any) -> EditSession | None:
@@ -77,6 +142,8 @@ def attach_session(editor: Any) -> EditSession | None:
                           tokenizer=getattr(editor, "tok", None))
     editor._prune_session = session
     editor.apply_algo = wrap_apply_algo(editor.apply_algo, session)
+    # W0 back means no edits: what the method remembers of them (AlphaEdit's Σ k kᵀ, ...) goes too.
+    session.restore = _restore_and_forget(session, editor)
     LOG.info("prune-plugin: %s on %d parameter(s) (%s)", editor.alg_name, len(session.targets),
              ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, False, "off")))
     return session

@@ -4,8 +4,10 @@ That release was written for one CUDA GPU and transformers 4.30. Four things sto
 each one only where it is needed:
 
 * ``import easyeditor`` imports its multimodal trainers and the methods we do not drive (torchvision, timm, cv2,
-  fairscale, iopath, hydra, peft, openai, sentence_transformers). Packages that do not import are replaced by
-  placeholders for the duration of the import only (:func:`import_easyeditor`); using one raises ImportError.
+  fairscale, iopath, hydra, peft, openai, sentence_transformers; the current EasyEdit also av, qwen_vl_utils,
+  zhipuai, rouge). Packages that do not import are replaced by placeholders for the duration of the import only
+  (:func:`import_placeholders`, which the start-up hook puts around a plain ``import easyeditor``, and
+  :func:`import_easyeditor`); using one raises ImportError. Where a package imports, it is used as it is.
 * Every method and the evaluation hard-code ``cuda:{hparams.device}``; :func:`cpu_device_redirect` sends those
   requests to the CPU (a torch function mode, active only while CUDA is unavailable).
 * Since transformers 4.54 Llama-family decoder layers return a tensor, while MEMIT's hooks index ``output[0]``;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -36,7 +39,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 __all__ = [
-    "PLACEHOLDER_PACKAGES", "installed_easyeditor_version", "is_legacy_easyeditor", "import_easyeditor",
+    "PLACEHOLDER_PACKAGES", "installed_easyeditor_version", "is_legacy_easyeditor", "import_placeholders",
+    "import_easyeditor", "patch_legacy_editor_class",
     "cpu_device_redirect", "decoder_tuple_outputs", "legacy_compat", "reset_easyeditor_caches", "check_hparams_fit",
     "make_editor",
 ]
@@ -54,6 +58,11 @@ PLACEHOLDER_PACKAGES: dict[str, str] = {
     "sentence_transformers": "IKE",
     "peft": "LoRA",
     "openai": "FT-Api",
+    # Imported at package import by the current EasyEdit (GitHub), none of them by an in-place method:
+    "av": "the video editors",
+    "qwen_vl_utils": "the Qwen-VL editors",
+    "zhipuai": "the API-based editors",
+    "rouge": "the safety and concept-editing evaluation",
 }
 
 
@@ -156,33 +165,53 @@ def _imports(name: str) -> bool:
     return True
 
 
-def import_easyeditor() -> types.ModuleType:
-    """Import and return the ``easyeditor`` package, with placeholders for the packages in
-    :data:`PLACEHOLDER_PACKAGES` that do not import here.
+_placeholders_state = threading.local()
 
-    The placeholders exist only during the import: afterwards they are taken out of ``sys.modules`` again, so other
-    code that tries ``import torchvision`` still gets its ImportError. easyeditor's own modules keep their references.
+
+@contextlib.contextmanager
+def import_placeholders() -> Iterator[set[str]]:
+    """Within the block, easyeditor's own imports of the packages in :data:`PLACEHOLDER_PACKAGES` that do not import
+    here get a placeholder; yields the names of those packages. Nested use is a no-op (yields an empty set).
+
+    Afterwards the placeholders are taken out of ``sys.modules`` again, so other code that tries ``import timm``
+    still gets its ImportError; easyeditor's modules keep their references. Packages that import are left alone,
+    so where torchvision / timm / cv2 are installed, this does nothing.
+    """
+    if getattr(_placeholders_state, "active", False):
+        yield set()
+        return
+    # Libraries that record which optional packages exist when first imported must do so before placeholders exist.
+    for name in ("transformers", "datasets"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    missing = {name for name in PLACEHOLDER_PACKAGES if not _imports(name)}
+    finder = _PlaceholderFinder(missing)
+    sys.meta_path.insert(0, finder)
+    _placeholders_state.active = True
+    try:
+        yield missing
+    finally:
+        _placeholders_state.active = False
+        sys.meta_path.remove(finder)
+        for name in finder.served:
+            sys.modules.pop(name, None)
+        if finder.served:
+            LOG.debug("imported easyeditor with placeholders for %s", sorted(missing))
+
+
+def import_easyeditor() -> types.ModuleType:
+    """Import and return the ``easyeditor`` package, inside :func:`import_placeholders`.
+
+    A plain ``import easyeditor`` does the same once the start-up hook is installed (pip install of this package);
+    this function works without the hook too (editable installs, PRUNE_PLUGIN_AUTOLOAD=0).
     """
     if "easyeditor" in sys.modules:
         return sys.modules["easyeditor"]
     if importlib.util.find_spec("easyeditor") is None:
         raise ImportError("easyeditor is not installed: pip install --no-deps easyeditor==0.0.1.dev0 "
                           "(with the project's constraints file)")
-    # Libraries that record which optional packages exist when first imported must do so before placeholders exist.
-    for name in ("transformers", "datasets"):
-        importlib.import_module(name)
-    missing = {name for name in PLACEHOLDER_PACKAGES if not _imports(name)}
-    finder = _PlaceholderFinder(missing)
-    sys.meta_path.insert(0, finder)
-    try:
-        module = importlib.import_module("easyeditor")
-    finally:
-        sys.meta_path.remove(finder)
-        for name in finder.served:
-            sys.modules.pop(name, None)
-    if finder.served:
-        LOG.debug("imported easyeditor with placeholders for %s", sorted(missing))
-    return module
+    with import_placeholders():
+        return importlib.import_module("easyeditor")
 
 
 # --------------------------------------------------------------------------------------------------- devices
@@ -359,6 +388,37 @@ def _compat_editor_class(base: type) -> type:
         })
         _compat_classes[base] = cls
     return _compat_classes[base]
+
+
+_COMPAT_MARK = "__prune_legacy_compat__"
+
+
+def patch_legacy_editor_class(editor_cls: type, undo: list) -> bool:
+    """Run the legacy ``BaseEditor``'s ``__init__`` and edit entry points inside :func:`legacy_compat`, so that
+    ``BaseEditor.from_hparams(hparams)`` with EasyEdit's own ``device: 0`` works on a CPU-only machine (it moves the
+    model to ``cuda:0`` and every method asks for it). Idempotent; appends (class, attribute, original) to `undo`.
+
+    Returns False (and patches nothing) for a current EasyEdit, which needs none of it.
+    """
+    easyeditor = sys.modules[editor_cls.__module__.partition(".")[0]]
+    if not is_legacy_easyeditor(easyeditor) or getattr(editor_cls.__dict__["__init__"], _COMPAT_MARK, False):
+        return False
+    for name in ("__init__", *_ENTRY_POINTS):
+        method = editor_cls.__dict__.get(name)
+        if method is None:
+            continue
+
+        def compat(method: Any = method) -> Any:
+            @functools.wraps(method)  # also carries the plugin's own patch marks, so activate() stays idempotent
+            def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+                with legacy_compat(easyeditor):
+                    return method(self, *args, **kwargs)
+            setattr(run, _COMPAT_MARK, True)
+            return run
+
+        undo.append((editor_cls, name, method))
+        setattr(editor_cls, name, compat())
+    return True
 
 
 def check_hparams_fit(model: torch.nn.Module, hparams: Any) -> None:
