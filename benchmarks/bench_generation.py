@@ -130,13 +130,14 @@ def run(args) -> dict[str, Any]:
     limit = 4 if args.smoke else (getattr(args, "general_limit", None) or 16)
     batch = 4 if args.smoke else 8
     model, tok, model_name = build_model(args.smoke)
+    rounds = 1 if args.smoke else max(1, args.repeats)  # smoke: one round, it only checks that the legs agree
     rows, records, checks = [], [], []
     for task in SUBTASKS:
         prompts, budget = task_prompts(task, folder, limit)
         floor = make_floor(model, tok, prompts, budget, batch, NLI_CHOICES if task == "prune_nli" else ())
         floor_times, lmeval_times, ratios = [], [], []
         floor_out = lmeval_out = None
-        for _ in range(max(1, args.repeats)):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             floor_out = floor()
             floor_times.append(time.perf_counter() - t0)
@@ -160,7 +161,7 @@ def run(args) -> dict[str, Any]:
                                    f"{'MET' if ratio >= TARGET else 'MISSED'} ({ratio:.2f})"})
     source = f"official files in {folder}" if folder is not None else "the shipped default sets"
     notes = [f"{model_name}; {source}, first {limit} prompts of each subtask; batch size {batch}; "
-             f"{max(1, args.repeats)} alternating rounds, medians; ratio = floor time / lm-eval time "
+             f"{rounds} alternating round(s), medians; ratio = floor time / lm-eval time "
              "(median of the per-round ratios).",
              "lm-eval = prune_plugin.lmeval.evaluate(model, tok, [task], limit=..., batch_size=...) end to end, "
              "scoring included; floor = model.generate on pre-tokenized, left-padded, longest-first batches (and, "
