@@ -57,8 +57,23 @@ def edit_kwargs(records: Sequence[dict]) -> dict[str, Any]:
     }
 
 
-def edit_sequentially(editor: Any, records: Sequence[dict], **kwargs: Any) -> list[dict]:
-    """Apply the records one after another without restoring weights in between; returns EasyEdit's metrics."""
+def request_of(record: dict) -> dict[str, Any]:
+    """The fields of EasyEdit's request for a CounterFact-form record that identify it (prompt, subject, target)."""
+    return {"prompt": record["prompt"], "subject": record["subject"], "target_new": record["target_new"]}
+
+
+def edit_sequentially(editor: Any, records: Sequence[dict], *, resume: bool = False, **kwargs: Any) -> list[dict]:
+    """Apply the records one after another without restoring weights in between; returns EasyEdit's metrics.
+
+    `resume`: continue from the latest complete checkpoint in the YAML's prune_checkpoint_dir (if there is one),
+    skipping the records it has applied; EasyEdit's metrics then cover the records edited by this call only."""
+    if resume:
+        from .resume import resume as resume_from_checkpoint
+
+        _, records = resume_from_checkpoint(editor, records)
+        if not records:  # everything was applied before: only the end of the sequence is left
+            getattr(editor, "_prune_session").end()
+            return []
     sequential = ({"keep_original_weight": False} if is_legacy_easyeditor(easyeditor_module())
                   else {"sequential_edit": True})
     metrics, _, _ = editor.edit(**edit_kwargs(records), **sequential, verbose=False, **kwargs)

@@ -76,6 +76,10 @@ def attach_session(editor: Any) -> EditSession | None:
     session = EditSession(editor.model, config, target_parameters(editor.model, editor.hparams, config),
                           tokenizer=getattr(editor, "tok", None))
     editor._prune_session = session
+    if config.prune_checkpoint_dir is not None:
+        from .resume import attach_checkpointing
+
+        attach_checkpointing(editor, session)
     editor.apply_algo = wrap_apply_algo(editor.apply_algo, session)
     LOG.info("prune-plugin: %s on %d parameter(s) (%s)", editor.alg_name, len(session.targets),
              ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if v not in (None, False, "off")))
