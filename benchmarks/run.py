@@ -25,6 +25,7 @@ BENCHMARKS = {
     "sequential": "benchmarks.bench_sequential",
     "perplexity": "benchmarks.bench_perplexity",
     "rome_overhead": "benchmarks.bench_rome_overhead",
+    "checkpoint": "benchmarks.bench_checkpoint",
 }
 
 

@@ -170,13 +170,13 @@ def read_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> Checkpoi
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if PARTIAL in folder.name:
+        raise CheckpointError(f"{folder}: an incomplete checkpoint (the run was interrupted while writing it)")
     if not (folder / MANIFEST).exists() and not _NAME.match(folder.name):
         latest = latest_checkpoint(folder)
         if latest is None:
             raise CheckpointError(f"{folder}: holds no complete checkpoint (edit-NNNNNN folders with a manifest)")
         return latest
-    if PARTIAL in folder.name:
-        raise CheckpointError(f"{folder}: an incomplete checkpoint (the run was interrupted while writing it)")
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{manifest_path}: missing, so the checkpoint is incomplete and is not loaded")

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lm-eval tasks evaluated on every branch (default %(default)s)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out from its last complete checkpoints")
+    run.add_argument("--no-easyedit-metrics", dest="easyedit_metrics", action="store_false",
+                     help="skip EasyEdit's own pre/post scoring of each request (same weights; faster long runs)")
 
     restrain = sub.add_parser("restrain", help="apply PRUNE bases to a checkpoint (edit once, restrain many)")
     restrain.add_argument("checkpoint", help="a checkpoint folder (edit-NNNNNN) or a run's checkpoint directory")
@@ -207,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
                          eval_sentences=args.eval_sentences, checkpoints=args.checkpoints, tasks=args.tasks,
-                         resume=args.resume)
+                         resume=args.resume, easyedit_metrics=args.easyedit_metrics)
     results = run_job(options)
     print()
     print(format_table(results))

@@ -53,6 +53,7 @@ class JobOptions:
     checkpoints: tuple | None = None  # edit counts to evaluate at (0 = the unedited model); None: 4 evenly spaced
     tasks: tuple = tuple(EVAL_TASKS)  # lm-eval tasks evaluated on every branch
     resume: bool = False  # continue the editing runs from their checkpoints; keep evaluations already done
+    easyedit_metrics: bool = True  # EasyEdit's own pre/post scoring of every request (a tenth of a long CPU run)
 
 
 # The shipped ROME YAML is ROME's own recipe (25 steps, 21 context templates): about 95 s of CPU per edit on
@@ -203,7 +204,7 @@ def _edit_sequence(run: EditingRun, options: JobOptions, model, tok, records, ba
     start = time.perf_counter()
     LOG.info("%s: %d sequential %s edits, checkpoints after %s", run.name, len(records), options.method,
              config["prune_checkpoint_at"])
-    metrics = edit_sequentially(editor, records, resume=options.resume)
+    metrics = edit_sequentially(editor, records, resume=options.resume, easyedit_metrics=options.easyedit_metrics)
     info["seconds_editing"] += time.perf_counter() - start
     info["easyedit"] = _summarise_easyedit(metrics) or info["easyedit"]
     pe.session_of(editor).restore()  # the next sequence starts from the same W0, bit for bit

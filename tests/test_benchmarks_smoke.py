@@ -29,10 +29,12 @@ def smoke(tmp_path_factory):
 
 def test_smoke_runs_every_benchmark_and_prints_its_table(smoke):
     results, stdout = smoke
-    assert set(results["benchmarks"]) == {"restraint", "memory", "sequential", "perplexity", "rome_overhead"}
+    assert set(results["benchmarks"]) == {"restraint", "memory", "sequential", "perplexity", "rome_overhead",
+                                          "checkpoint"}
     assert results["machine"]["threads"] == 1
     for title in ("Restraint cost per matrix", "Memory per edited matrix", "sequence of rank-one edits",
-                  "perplexity scoring throughput", "ROME per-edit overhead"):
+                  "perplexity scoring throughput", "ROME per-edit overhead", "Checkpoint cost",
+                  "Online restraint per edit along a long run"):
         assert title in stdout
 
 
