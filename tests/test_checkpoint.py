@@ -154,7 +154,7 @@ def start_run(workdir: Path, mode: str, weights: str, *extra: str) -> subprocess
 
 
 def finish(process: subprocess.Popen) -> dict:
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=900)
     assert process.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
 
@@ -171,7 +171,7 @@ def test_a_run_killed_mid_sequence_resumes_to_the_same_weights_bit_for_bit(tmp_p
     assert finish(reference)["steps"] == [0, 1, 2, 3, 4, 5]
 
     victim = start_run(interrupted, mode, "weights.safetensors", "--pause", "1")
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 900
     while not (interrupted / "checkpoints" / "edit-000003").exists():
         assert victim.poll() is None and time.monotonic() < deadline, "the run ended before its third checkpoint"
         time.sleep(0.02)
@@ -208,8 +208,9 @@ def rome_yaml(folder: Path, **keys) -> Path:
 
     templates = {k: v for k, v in ARCH["llama"].items() if k != "build"}
     path = folder / f"rome-{len(list(folder.glob('rome-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(dict(alg_name="ROME", model_name="tiny", device=0, stats_dir=str(folder / "stats"),
-                                        **templates, **METHOD["ROME"], **keys)))
+    config = {"alg_name": "ROME", "model_name": "tiny", "device": 0, "stats_dir": str(folder / "stats"), **templates,
+              **METHOD["ROME"], **keys}
+    path.write_text(yaml.safe_dump(config))
     return path
 
 
