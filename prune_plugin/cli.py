@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the main job (the default)")
     run.add_argument("--method", default=d.method, type=str.upper, help=f"editing method: {', '.join(METHODS)}")
     run.add_argument("--edits", type=_positive, default=d.edits, help="number of sequential edits (default %(default)s)")
-    run.add_argument("--alpha", type=_alphas, default="e",
-                     help="PRUNE log base a > 1 (e, 2, 1.5, 1.2, ...) or 'linear'; several (e,1.2) run one arm each")
+    run.add_argument("--alpha", type=_alphas, default="e,1.2",
+                     help="PRUNE log bases a > 1 (e, 2, 1.5, 1.2, ...) or 'linear': one arm each, all restraining "
+                          "the same edits (default %(default)s)")
     run.add_argument("--mode", choices=("final", "online"), default=d.mode, help="restrain once at the end or after every edit")
     _model_options(run)
     run.add_argument("--hparams", help="EasyEdit hparams YAML for --model (default: the shipped one for SmolLM2)")

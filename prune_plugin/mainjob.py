@@ -39,8 +39,8 @@ TABLE_ROWS = [
 @dataclass
 class JobOptions:
     method: str = "ROME"
-    edits: int = 16
-    alphas: tuple = (math.e,)  # one PRUNE arm per base, all from the one editing run
+    edits: int = 12
+    alphas: tuple = (math.e, 1.2)  # one PRUNE arm per base, all from the one editing run
     mode: str = "final"  # 'online' adds one arm per base that restrains after every edit (its own editing run)
     model: str | None = None
     hparams: str | None = None
@@ -154,11 +154,15 @@ def run_job(options: JobOptions) -> dict[str, Any]:
         for run in sequences:
             for arm, alpha in run.branches.items():
                 key = "unedited@0" if count == 0 else f"{arm}@{count}"
-                if key in evaluations:
+                done = evaluations.get(key, {}).get("tasks", EVAL_TASKS if key in evaluations else [])
+                missing = [t for t in tasks if t not in done]  # a resumed run may add tasks (prune_general)
+                if not missing:
                     continue
-                LOG.info("evaluating %s", key)
-                evaluations[key] = _evaluate_branch(model, tok, out / "checkpoints" / run.name, count, alpha,
-                                                    metadata, tasks)
+                LOG.info("evaluating %s: %s", key, ", ".join(missing))
+                found = _evaluate_branch(model, tok, out / "checkpoints" / run.name, count, alpha, metadata, missing)
+                if key in evaluations:
+                    found["metrics"] = {**evaluations[key]["metrics"], **found["metrics"]}
+                evaluations[key] = {**found, "tasks": [*done, *missing]}
                 write_json(evaluations_path, evaluations)  # each branch kept as soon as it is measured
                 _check_w0(model, w0)
 
@@ -242,7 +246,8 @@ def collect_results(options: JobOptions, sequences: list[EditingRun], counts: li
     for run in sequences:
         for arm in run.branches:
             points = [{"edits": 0, "metrics": unedited["metrics"], "cond": base_cond}]
-            points += [{"edits": c, **evaluations[f"{arm}@{c}"]} for c in counts if c > 0]
+            points += [{"edits": c, **{k: v for k, v in evaluations[f"{arm}@{c}"].items() if k != "tasks"}}
+                       for c in counts if c > 0]
             curves[arm] = points
             arms[arm] = {"name": arm, "sequence": run.name, **editing[run.name], "metrics": points[-1]["metrics"],
                          "cond": points[-1].get("cond", {})}

@@ -119,6 +119,14 @@ def test_resuming_a_finished_main_job_edits_nothing_and_keeps_its_evaluations(ma
     assert "edits: all 2 edits are checkpointed; nothing to edit" in caplog.text
     assert "evaluating" not in caplog.text
     assert json.loads((out / "results.json").read_text())["curves"] == before["curves"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="prune_plugin"):  # a task added later is evaluated on every branch alone
+        assert main([*argv, "--resume", "--tasks", "hardedit,collapse_ppl,collapse_ppl_paper"]) == 0
+    evaluated = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluating")]
+    assert len(evaluated) == 7 and all(m.endswith(": collapse_ppl_paper") for m in evaluated)  # 1 + 2 x 3 branches
+    evaluations = json.loads((out / "evaluations.json").read_text())
+    assert evaluations["no-restraint@1"]["tasks"] == ["hardedit", "collapse_ppl", "collapse_ppl_paper"]
+    assert json.loads((out / "results.json").read_text())["curves"] == before["curves"]  # same weights, same numbers
 
 
 @pytest.mark.slow
