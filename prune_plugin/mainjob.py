@@ -86,20 +86,20 @@ class EditingRun:
     branches: dict[str, Any] = field(default_factory=dict)  # arm name -> PRUNE base applied at each checkpoint (None: as saved)
 
 
-def plan_sequences(options: JobOptions) -> list[EditingRun]:
+def plan_editing_runs(options: JobOptions) -> list[EditingRun]:
     """The editing runs: one without restraint, branched into no restraint and every PRUNE base ('final' mode);
     with mode 'online', one more run per base that restrains after every edit."""
     label = (lambda prefix, a: prefix if len(options.alphas) == 1 else f"{prefix}-a={_alpha_yaml(a)}")
     edit = EditingRun("edits", {"prune": False}, {"no-restraint": None})
     for alpha in options.alphas:
         edit.branches[label("prune", alpha)] = alpha
-    sequences = [edit]
+    runs = [edit]
     if options.mode == "online":
         for alpha in options.alphas:
             name = label("prune-online", alpha)
-            sequences.append(EditingRun(name, {"prune": True, "prune_alpha": _alpha_yaml(alpha), "prune_mode": "online"},
+            runs.append(EditingRun(name, {"prune": True, "prune_alpha": _alpha_yaml(alpha), "prune_mode": "online"},
                                       {name: None}))
-    return sequences
+    return runs
 
 
 def run_job(options: JobOptions) -> dict[str, Any]:
@@ -135,11 +135,11 @@ def run_job(options: JobOptions) -> dict[str, Any]:
         base_yaml["stats_dir"] = str(statistics_dir())  # where prepare_statistics put them; the arms' YAMLs say so
 
     counts = checkpoint_counts(options)
-    sequences = plan_sequences(options)
+    runs = plan_editing_runs(options)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     state_path = out / "editing.json"
     editing = _read_json_or(state_path, {}) if options.resume else {}
-    for run in sequences:
+    for run in runs:
         editing[run.name] = _edit_sequence(run, options, model, tok, records, base_yaml, counts, out,
                                            editing.get(run.name, {}))
         write_json(state_path, editing)
@@ -151,7 +151,7 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     for count in counts:
         subset = write_json(out / f"edited_records_{count}.json", records[:count] if count else records)
         metadata = {"hardedit_path": str(subset), "collapse_path": str(eval_corpus)}
-        for run in sequences:
+        for run in runs:
             for arm, alpha in run.branches.items():
                 key = "unedited@0" if count == 0 else f"{arm}@{count}"
                 done = evaluations.get(key, {}).get("tasks", EVAL_TASKS if key in evaluations else [])
@@ -166,7 +166,7 @@ def run_job(options: JobOptions) -> dict[str, Any]:
                 write_json(evaluations_path, evaluations)  # each branch kept as soon as it is measured
                 _check_w0(model, w0)
 
-    results = collect_results(options, sequences, counts, editing, evaluations, len(records))
+    results = collect_results(options, runs, counts, editing, evaluations, len(records))
     write_json(out / "results.json", results)
     (out / "table.md").write_text(format_table(results) + "\n")
     from .plots import plot_curves
@@ -235,7 +235,7 @@ def _evaluate_branch(model, tok, directory: Path, count: int, alpha, metadata, t
                 "restraint": restraint_summary(branch.last_restraint)}
 
 
-def collect_results(options: JobOptions, sequences: list[EditingRun], counts: list[int], editing: dict,
+def collect_results(options: JobOptions, runs: list[EditingRun], counts: list[int], editing: dict,
                     evaluations: dict, n_records: int) -> dict[str, Any]:
     """results.json: per arm its curve (metrics and cond(W) against edits, from the unedited model at 0) and its
     figures after the last edit (the table)."""
@@ -243,7 +243,7 @@ def collect_results(options: JobOptions, sequences: list[EditingRun], counts: li
     base_cond = unedited.get("cond", {})
     curves: dict[str, list[dict[str, Any]]] = {}
     arms: dict[str, Any] = {}
-    for run in sequences:
+    for run in runs:
         for arm in run.branches:
             points = [{"edits": 0, "metrics": unedited["metrics"], "cond": base_cond}]
             points += [{"edits": c, **{k: v for k, v in evaluations[f"{arm}@{c}"].items() if k != "tasks"}}
