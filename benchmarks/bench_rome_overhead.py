@@ -94,7 +94,7 @@ def _run_arm(model, tok, base: dict, keys: dict, records: list[dict], workdir: P
 
     import prune_plugin.easyedit as pe
     from prune_plugin.easyedit.driver import build_editor, edit_sequentially, load_hparams
-    from prune_plugin.mainjob import _seed
+    from prune_plugin.seeding import seed_everything as _seed
 
     telemetry = workdir / f"arm{index}.telemetry.jsonl"
     config = {**base, "prune": True, "prune_mode": "online", "prune_alpha": "e", "prune_telemetry": str(telemetry),

@@ -27,6 +27,7 @@ BENCHMARKS = {
     "perplexity": "benchmarks.bench_perplexity",
     "rome_overhead": "benchmarks.bench_rome_overhead",
     "generation": "benchmarks.bench_generation",
+    "checkpoint": "benchmarks.bench_checkpoint",
 }
 
 

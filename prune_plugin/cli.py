@@ -4,6 +4,9 @@
     prune-plugin run --method MEMIT --edits 10 --alpha 1.2 --mode online --out results/
     prune-plugin mine --data my_counterfact.json --limit 50 --threshold 1.5
     prune-plugin plot results/*.telemetry.jsonl --out plots/
+    prune-plugin run --edits 240 --checkpoints 0,25,50,100,150,200,240 --alpha e,1.2 --out long/   # --resume after a crash
+    prune-plugin restrain long/checkpoints/edits/edit-000240 --alpha e,2,1.5,1.2,linear --out restrained/
+    prune-plugin eval long/checkpoints/edits/edit-000240@1.2 --tasks collapse_ppl
 
 Bad options print one line and exit with status 2.
 """
@@ -37,6 +40,35 @@ def _alphas(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"--alpha {err}") from None
 
 
+def _counts(text: str) -> tuple:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be edit counts separated by commas, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"edit counts must be >= 0, got {text!r}")
+    return counts
+
+
+def _names(text: str) -> tuple:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("needs at least one task name")
+    return names
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -57,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the main job (the default)")
     run.add_argument("--method", default=d.method, type=str.upper, help=f"editing method: {', '.join(METHODS)}")
     run.add_argument("--edits", type=_positive, default=d.edits, help="number of sequential edits (default %(default)s)")
-    run.add_argument("--alpha", type=_alphas, default="e",
-                     help="PRUNE log base a > 1 (e, 2, 1.5, 1.2, ...) or 'linear'; several (e,1.2) run one arm each")
+    run.add_argument("--alpha", type=_alphas, default="e,1.2",
+                     help="PRUNE log bases a > 1 (e, 2, 1.5, 1.2, ...) or 'linear': one arm each, all restraining "
+                          "the same edits (default %(default)s)")
     run.add_argument("--mode", choices=("final", "online"), default=d.mode, help="restrain once at the end or after every edit")
     _model_options(run)
     run.add_argument("--hparams", help="EasyEdit hparams YAML for --model (default: the shipped one for SmolLM2)")
@@ -66,6 +99,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=d.seed)
     run.add_argument("--eval-sentences", type=_positive, default=d.eval_sentences,
                      help="reference sentences scored by collapse_ppl after each arm")
+    run.add_argument("--checkpoints", type=_counts, default=None,
+                     help="edit counts to checkpoint and evaluate at, e.g. 0,25,50,100 (default: 4 evenly spaced)")
+    run.add_argument("--tasks", type=_names, default=",".join(d.tasks),
+                     help="lm-eval tasks evaluated on every branch (default %(default)s)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out from its last complete checkpoints")
+    run.add_argument("--no-easyedit-metrics", dest="easyedit_metrics", action="store_false",
+                     help="skip EasyEdit's own pre/post scoring of each request (same weights; faster long runs)")
+
+    restrain = sub.add_parser("restrain", help="apply PRUNE bases to a checkpoint (edit once, restrain many)")
+    restrain.add_argument("checkpoint", help="a checkpoint folder (edit-NNNNNN) or a run's checkpoint directory")
+    restrain.add_argument("--alpha", type=_alphas, default="e", help="PRUNE bases, e.g. e,2,1.5,1.2,linear")
+    restrain.add_argument("--out", help="write each restrained state as a checkpoint here (default: only report)")
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint, or a restrained variant (CHECKPOINT@ALPHA)")
+    evaluate.add_argument("checkpoint", help="checkpoint folder, optionally @ALPHA (e.g. ckpt/edit-000200@1.2)")
+    evaluate.add_argument("--tasks", type=_names, default=",".join(d.tasks), help="lm-eval tasks (default %(default)s)")
+    evaluate.add_argument("--model", help="the base model, if not where the checkpoint was written from")
+    evaluate.add_argument("--metadata", type=_json_object, default={},
+                          help="lm-eval task metadata as JSON, e.g. '{\"hardedit_path\": \"edits.json\"}'")
+    evaluate.add_argument("--limit", type=float, help="evaluate only this many (or this fraction of) documents per task")
+    evaluate.add_argument("--out", help="write the results as JSON to this file")
 
     mine = sub.add_parser("mine", help="rank CounterFact-form records by the perplexity jump of a single edit")
     mine.add_argument("--method", default="ROME", type=str.upper)
@@ -128,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .models import ModelError
 
     try:
@@ -135,12 +191,16 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _run(args)
         if args.command == "mine":
             return _mine(args)
+        if args.command == "restrain":
+            return _restrain(args)
+        if args.command == "eval":
+            return _eval(args)
         from .plots import plot_telemetry
 
         for path in plot_telemetry(args.telemetry, args.out):
             print(path)
         return 0
-    except (ModelError, FileNotFoundError) as err:
+    except (ModelError, FileNotFoundError, CheckpointError) as err:
         raise UsageError(str(err)) from None
 
 
@@ -149,7 +209,8 @@ def _run(args: argparse.Namespace) -> int:
 
     options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
-                         eval_sentences=args.eval_sentences)
+                         eval_sentences=args.eval_sentences, checkpoints=args.checkpoints, tasks=args.tasks,
+                         resume=args.resume, easyedit_metrics=args.easyedit_metrics)
     results = run_job(options)
     print()
     print(format_table(results))
@@ -157,6 +218,77 @@ def _run(args: argparse.Namespace) -> int:
     for plot in results.get("plots", []):
         print(f"plot: {plot}")
     return 0
+
+
+def _restrain(args: argparse.Namespace) -> int:
+    from .branches import apply_checkpoint, restraint_summary
+    from .checkpoint import read_checkpoint, write_checkpoint
+
+    checkpoint = read_checkpoint(args.checkpoint)
+    model, _ = _base_model(checkpoint, None)
+    for alpha in args.alpha:
+        session = apply_checkpoint(model, checkpoint, alpha)
+        label = _alpha_label(alpha)
+        for name, figures in restraint_summary(session.last_restraint).items():
+            print(f"a={label}  {name}: {figures['restrained']} of {figures['rank']} singular values restrained "
+                  f"(smax(dW) {figures['smax_delta']:.4g}, smax(W0) {figures['smax_original']:.4g})")
+        if args.out:
+            manifest = {**checkpoint.manifest, "restraint": {"alpha": label, "mode": "final", "from": str(checkpoint.path),
+                                                             "figures": restraint_summary(session.last_restraint)}}
+            for key in ("format", "version", "edits", "matrices", "files", "written"):
+                manifest.pop(key, None)
+            path = write_checkpoint(Path(args.out) / f"a={label}", checkpoint.edits,
+                                    {n: model.get_parameter(n) for n in session.targets}, manifest)
+            print(f"  written: {path}")
+        session.restore()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .branches import checkpoint_branch
+    from .checkpoint import read_checkpoint
+    from .lmeval import evaluate
+
+    location, _, alpha_text = args.checkpoint.partition("@")
+    try:
+        alpha = parse_alpha(alpha_text) if alpha_text else None
+    except ValueError as err:
+        raise UsageError(f"{args.checkpoint}: the part after @ {err}") from None
+    checkpoint = read_checkpoint(location)
+    model, tok = _base_model(checkpoint, args.model)
+    with checkpoint_branch(model, checkpoint, alpha):
+        raw = evaluate(model, tok, list(args.tasks), metadata=args.metadata or None, batch_size=10, bootstrap_iters=0,
+                       limit=args.limit, model_kwargs={"add_bos_token": False})
+    results = {"checkpoint": str(checkpoint.path), "edits": checkpoint.edits,
+               "alpha": _alpha_label(alpha) if alpha is not None else None, "tasks": list(args.tasks),
+               "results": raw["results"]}
+    for task, metrics in raw["results"].items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "_stderr" not in k)
+        print(f"{task}: {shown}")
+    if args.out:
+        from .datasets import write_json
+
+        write_json(args.out, json.loads(json.dumps(results, default=str)))
+        print(f"results: {args.out}")
+    return 0
+
+
+def _base_model(checkpoint, override: str | None):
+    """The base model a checkpoint was written from (its W0 is checked when the checkpoint is applied)."""
+    from .models import default_model_dir, load_model
+
+    source = override or checkpoint.manifest["model"].get("source")
+    if source and Path(source).resolve() == default_model_dir().resolve():
+        source = None  # the embedded default: rebuilt from its GGUF if the cache was cleared
+    return load_model(source)
+
+
+def _alpha_label(alpha) -> str:
+    import math
+
+    return "e" if alpha == math.e else str(alpha)
 
 
 def _mine(args: argparse.Namespace) -> int:

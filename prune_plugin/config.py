@@ -47,6 +47,9 @@ class PruneConfig:
     prune_guard_sentences: int = 20
     prune_guard_batch_size: int = 10
     prune_guard_corpus: str | None = None
+    prune_checkpoint_dir: str | None = None
+    prune_checkpoint_at: Any = None  # a list of edit counts or an interval; None: after the last edit only
+    prune_seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the file the settings were read from, for messages
 
@@ -64,7 +67,17 @@ class PruneConfig:
     @property
     def active(self) -> bool:
         """True when any part of the plugin (restraint, guard, telemetry, a third-party key) is switched on."""
-        return self.prune or self.prune_guard != "off" or self.prune_telemetry is not None or bool(self.extra)
+        return (self.prune or self.prune_guard != "off" or self.prune_telemetry is not None or bool(self.extra)
+                or self.prune_checkpoint_dir is not None)
+
+    @property
+    def edit_seed(self) -> int | None:
+        """The seed of edit 0 (edit k runs with seed + k), or None: the editor's random state is left alone.
+        Checkpointed runs are seeded (0 unless prune_seed says otherwise), so that a resumed run equals an
+        uninterrupted one."""
+        if self.prune_seed is not None:
+            return self.prune_seed
+        return 0 if self.prune_checkpoint_dir is not None else None
 
     @classmethod
     def known_keys(cls) -> list[str]:
@@ -169,6 +182,23 @@ def _names(value: Any) -> list[str] | None:
     raise ValueError(f"must be a non-empty list of parameter names, got {value!r}")
 
 
+def _checkpoint_schedule(value: Any) -> Any:
+    from .checkpoint import parse_schedule
+
+    if value is None:
+        return None
+    parse_schedule(value)  # raises ValueError with what is wrong
+    return value
+
+
+def _seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be a non-negative integer, got {value!r}")
+    return value
+
+
 _CHECKS = {
     "prune": _bool,
     "prune_alpha": parse_alpha,
@@ -184,6 +214,9 @@ _CHECKS = {
     "prune_guard_sentences": _positive_int,
     "prune_guard_batch_size": _positive_int,
     "prune_guard_corpus": _optional_path,
+    "prune_checkpoint_dir": _optional_path,
+    "prune_checkpoint_at": _checkpoint_schedule,
+    "prune_seed": _seed,
 }
 
 

@@ -102,3 +102,81 @@ def _save(fig, path: Path) -> Path:
 def plot_telemetry(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
     """Plot one or more telemetry files, each labelled by its file stem."""
     return plot_arms({Path(p).stem: p for p in paths}, out_dir)
+
+
+# What the curves show: (file, title, y label, log scale, [(metric key, panel label)])
+CURVE_FIGURES = [
+    ("collapse_perplexity.png", "Collapse perplexity on reference sentences", "mean per-sentence perplexity", True,
+     [("collapse_ppl_paper/mean_ppl,none", None)]),
+    ("editing_metrics.png", "Editing metrics of the edits made so far (hardedit)", "accuracy", False,
+     [("hardedit_efficacy/acc,none", "efficacy"), ("hardedit_generalization/acc,none", "generalization"),
+      ("hardedit_locality/acc,none", "locality")]),
+]
+_KNOWN_TASKS = ("hardedit", "collapse_ppl")
+
+
+def plot_curves(curves: Mapping[str, Sequence[Mapping]], out_dir: str | os.PathLike) -> list[Path]:
+    """Each metric against the number of edits, one line per arm, starting from the unedited model at 0.
+
+    `curves` maps an arm to its points ``{"edits": n, "metrics": {key: value}, "cond": {matrix: cond(W)}}`` (the
+    main job's results.json "curves"). Writes condition_number.png, collapse_perplexity.png,
+    editing_metrics.png, and general_abilities.png for the metrics of any other task (e.g. prune_general)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    base_cond = _unedited_cond(curves)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, points in curves.items():
+        names = sorted({n for p in points for n in p.get("cond", {})})
+        for name in names:
+            pts = [(p["edits"], p["cond"][name]) for p in points if name in p.get("cond", {})]
+            if name in base_cond:
+                pts = [(0, base_cond[name]), *pts]
+            label = arm if len(names) == 1 else f"{arm}: {_short(name)}"
+            ax.plot(*zip(*pts), marker=".", label=label)
+    ax.set(xlabel="sequential edits", ylabel="condition number of W (smax/smin)", yscale="log",
+           title="Condition number of the edited matrix")
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out / "condition_number.png"))
+
+    general = sorted({k for points in curves.values() for p in points for k in p.get("metrics", {})
+                      if not k.startswith(_KNOWN_TASKS)})
+    figures = list(CURVE_FIGURES)
+    if general:
+        figures.append(("general_abilities.png", "General abilities", "score", False, [(k, k) for k in general]))
+    for file, title, ylabel, log, panels in figures:
+        present = [(k, label) for k, label in panels if any(k in p.get("metrics", {}) for ps in curves.values() for p in ps)]
+        if not present:
+            continue
+        cols = min(3, len(present))
+        rows = (len(present) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols if cols > 1 else 7, 3.6 * rows if cols > 1 else 4.2),
+                                 squeeze=False)
+        for ax, (key, label) in zip(axes.flat, present):
+            for arm, points in curves.items():
+                pts = [(p["edits"], p["metrics"][key]) for p in points if key in p.get("metrics", {})]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", label=arm)
+            ax.set(xlabel="sequential edits", ylabel=ylabel, title=label or title, yscale="log" if log else "linear")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(present):]:
+            ax.set_visible(False)
+        if cols > 1:
+            fig.suptitle(title)
+        written.append(_save(fig, out / file))
+    return written
+
+
+def _unedited_cond(curves: Mapping[str, Sequence[Mapping]]) -> dict[str, float]:
+    """cond(W0) per matrix, if any arm's point at 0 edits carries it."""
+    for points in curves.values():
+        for p in points:
+            if p["edits"] == 0 and p.get("cond"):
+                return dict(p["cond"])
+    return {}

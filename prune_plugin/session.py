@@ -26,6 +26,7 @@ from . import hookspecs
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
 from .restraint import RestraintFigures
+from .seeding import seed_everything
 from .spectrum import SmaxCache
 
 LOG = logging.getLogger("prune_plugin")
@@ -113,6 +114,7 @@ class EditSession:
         self.ended = False
         self.stopped = False  # set when a step asked to stop: drivers apply no further edits
         self.depth = 0  # nesting of a driver's edit calls; the outermost one ends the sequence
+        self.first_index = 0  # edits applied before this session (a run resumed from a checkpoint)
         _register_builtins(self)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -130,13 +132,15 @@ class EditSession:
     def before_edit(self) -> None:
         """Call right before an edit; keeps a copy of the targets when the guard may roll this edit back."""
         self.begin()
+        if self.config.edit_seed is not None:  # edit k starts from the same random state, resumed or not
+            seed_everything(self.config.edit_seed + self.next_index)
         if self.config.prune_guard == "rollback":
             self._pre_edit = snapshot(self.model, self.targets)
 
     def after_edit(self, request: Mapping[str, Any]) -> EditStep:
         """Call right after an edit was written into the weights; runs the per-edit hooks."""
         self.begin()
-        step = EditStep(index=len(self.steps), request=request, edited=self.changed_since_last_look())
+        step = EditStep(index=self.next_index, request=request, edited=self.changed_since_last_look())
         self.pm.hook.prune_after_edit(session=self, model=self.model, request=request, step=step, originals=self.originals)
         self._seen.update({n: fingerprint(get_parameter(self.model, n)) for n in step.edited})
         self._pre_edit = None
@@ -150,7 +154,31 @@ class EditSession:
         self.pm.hook.prune_edit_end(session=self, model=self.model, steps=self.steps, originals=self.originals)
         self.ended = True
 
+    def resume_at(self, index: int, weights: Mapping[str, torch.Tensor], rank_hints: Mapping[str, int] = ()) -> None:
+        """Continue a sequence from a checkpoint: `index` edits were applied before, and `weights` (target name ->
+        value) is where they left the targets. W0 is recorded first, so restraint still measures dW from W0."""
+        self.begin()
+        unknown = sorted(set(weights) - set(self.targets))
+        if unknown:
+            raise KeyError(f"resume: {unknown[0]!r} is not one of this session's targets")
+        for name, value in weights.items():  # check every matrix before writing any
+            param = get_parameter(self.model, name)
+            if value.shape != param.shape or value.dtype != param.dtype:
+                raise ValueError(f"resume: {name} is {tuple(value.shape)} {value.dtype} in the checkpoint, "
+                                 f"{tuple(param.shape)} {param.dtype} in the model")
+        with torch.no_grad():
+            for name, value in weights.items():
+                get_parameter(self.model, name).copy_(value)
+        self.first_index = index
+        self.rank_hints.update(dict(rank_hints))
+        self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
+
     # -- queries and actions -----------------------------------------------------------------------------------
+    @property
+    def next_index(self) -> int:
+        """The index (from the start of the whole sequence) of the next edit."""
+        return self.first_index + len(self.steps)
+
     def changed_since_last_look(self) -> list[str]:
         return [n for n in self.targets if fingerprint(get_parameter(self.model, n)) != self._seen.get(n)]
 

@@ -6,6 +6,7 @@
     editor = BaseEditor.from_hparams(hparams)
     editor.edit(..., sequential_edit=True)          # current EasyEdit; keep_original_weight=False in 0.0.1.dev0
     pe.session_of(editor).restore()                 # W0 back, bit for bit
+    pe.resume(editor, records)                      # after an interruption (prune_checkpoint_dir in the YAML)
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from typing import Any, ContextManager
 from ..session import EditSession, extra_config_keys, make_plugin_manager
 from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
 from .hparams import patch_hparams_classes, prune_config_of
+from .resume import resume
 
 __all__ = [
     "activate", "deactivate", "autoactivate", "autoimport", "is_active", "session_of", "COMPAT_SWITCH",
-    "NOT_IN_PLACE", "PruneNotApplicableError", "prune_config_of", "target_parameters",
+    "NOT_IN_PLACE", "PruneNotApplicableError", "prune_config_of", "target_parameters", "resume",
 ]
 
 LOG = logging.getLogger("prune_plugin")

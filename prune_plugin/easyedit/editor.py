@@ -141,6 +141,10 @@ def attach_session(editor: Any) -> EditSession | None:
     session = EditSession(editor.model, config, target_parameters(editor.model, editor.hparams, config),
                           tokenizer=getattr(editor, "tok", None))
     editor._prune_session = session
+    if config.prune_checkpoint_dir is not None:
+        from .resume import attach_checkpointing
+
+        attach_checkpointing(editor, session)
     editor.apply_algo = wrap_apply_algo(editor.apply_algo, session)
     # W0 back means no edits: what the method remembers of them (AlphaEdit's Σ k kᵀ, ...) goes too.
     session.restore = _restore_and_forget(session, editor)
