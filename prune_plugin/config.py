@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .restraint import Alpha, parse_alpha, parse_rank_rule
 
@@ -25,6 +25,19 @@ ORIGINALS_DEVICES = ("same", "cpu")
 
 class PruneConfigError(ValueError):
     """A prune_* setting is unknown or has a bad value; the message names key, file and line."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """A third-party plugin's YAML key with its validation (what `prune_config_keys` may map a key to).
+
+    `check(value)` returns the cleaned value or raises ValueError/TypeError with a message that reads after the key
+    (e.g. "must be in (0, 1], got 2"); the configuration then names the key, the file and the line, as for the
+    plugin's own keys. A plain value in `prune_config_keys` is a default with no check.
+    """
+
+    default: Any
+    check: Callable[[Any], Any] | None = None
 
 
 def is_plugin_key(key: str) -> bool:
@@ -52,6 +65,8 @@ class PruneConfig:
     prune_seed: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the file the settings were read from, for messages
+    #: The third-party keys the settings gave explicitly (`extra` also holds the declared defaults of the rest).
+    extra_given: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         # Built directly (PruneConfig(prune_mode="Final")) the values get the same checks, normalisation and
@@ -66,8 +81,12 @@ class PruneConfig:
 
     @property
     def active(self) -> bool:
-        """True when any part of the plugin (restraint, guard, telemetry, a third-party key) is switched on."""
-        return (self.prune or self.prune_guard != "off" or self.prune_telemetry is not None or bool(self.extra)
+        """True when any part of the plugin (restraint, guard, telemetry, checkpoints, a third-party key) is on.
+
+        A third-party key counts only when the settings give it: an installed plugin's declared defaults alone
+        must not attach a session to every editor."""
+        given = self.extra.keys() if self.extra_given is None else self.extra_given
+        return (self.prune or self.prune_guard != "off" or self.prune_telemetry is not None or bool(given)
                 or self.prune_checkpoint_dir is not None)
 
     @property
@@ -81,7 +100,7 @@ class PruneConfig:
 
     @classmethod
     def known_keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("extra", "source")]
+        return [f.name for f in fields(cls) if f.name not in ("extra", "source", "extra_given")]
 
     @classmethod
     def from_mapping(
@@ -98,12 +117,19 @@ class PruneConfig:
         src = str(source) if source is not None else None
         where = _Locator(src, lines or {})
         kwargs: dict[str, Any] = {}
-        extra = {k: v for k, v in extra_keys.items()}
+        extra = {k: v.default if isinstance(v, ConfigKey) else v for k, v in extra_keys.items()}
+        given: set[str] = set()
         for key, value in values.items():
             if not is_plugin_key(key):
                 continue
             if key in extra_keys:
-                extra[key] = value
+                declared = extra_keys[key]
+                check = declared.check if isinstance(declared, ConfigKey) else None
+                try:
+                    extra[key] = check(value) if check is not None else value
+                except (TypeError, ValueError) as err:
+                    raise PruneConfigError(f"{where(key)}{key}: {err}") from None
+                given.add(key)
                 continue
             if key not in known:
                 hint = difflib.get_close_matches(key, known + list(extra_keys), n=1)
@@ -113,7 +139,7 @@ class PruneConfig:
                 kwargs[key] = _CHECKS[key](value)
             except (TypeError, ValueError) as err:
                 raise PruneConfigError(f"{where(key)}{key}: {err}") from None
-        return cls(**kwargs, extra=extra, source=src)
+        return cls(**kwargs, extra=extra, source=src, extra_given=frozenset(given))
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.known_keys()}

@@ -8,7 +8,10 @@ arguments). Third-party plugins register through the setuptools entry-point grou
         my_restraint = my_package.my_module
 
 Per edit, PRUNE's own restraint runs first (tryfirst), then the collapse guard, then telemetry (trylast), so
-that the guard scores and telemetry records the restrained weights.
+that the guard scores and telemetry records the restrained weights. A plugin that must change the edit before
+any restraint sees it (a sparsifier such as RECT, examples/rect/) declares its `prune_after_edit` a pluggy
+wrapper (``@hookimpl(wrapper=True)``) and does its work before ``yield``: wrappers run around every ordinary
+implementation, whatever the registration order.
 """
 from __future__ import annotations
 
@@ -28,18 +31,32 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def prune_config_keys() -> Mapping[str, Any]:
-    """Declare the extra hparams YAML keys this plugin reads, as {key: default}.
+    """Declare the extra hparams YAML keys this plugin reads, as {key: default} or {key: ConfigKey(default, check)}.
 
     Called when the configuration is parsed. Keys must start with ``prune_`` (the namespace the EasyEdit
-    integration accepts); their values reach the plugin as ``session.config.extra[key]``.
+    integration accepts); their values reach the plugin as ``session.config.extra[key]`` (the default when the
+    YAML does not give the key). With a `prune_plugin.config.ConfigKey`, `check(value)` cleans the value or raises
+    ValueError, and the error names the key, the file and the line. Only keys the YAML gives switch a session on
+    (``session.config.extra_given``): an installed plugin stays inert for YAMLs that do not mention it.
     """
 
 
 @hookspec
 def prune_edit_start(session: "EditSession", model: "torch.nn.Module", originals: Mapping[str, "torch.Tensor"]) -> None:
-    """Called once, before the first edit of a sequence, when the original weights W0 have been recorded.
+    """Called once per session, before its first edit, when the original weights W0 have been recorded.
 
-    `originals` maps parameter names to read-only copies of W0 (do not modify them).
+    A session spans every edit()/batch_edit() call of one editor (later sequences keep the same W0), so this runs
+    once even when `prune_edit_end` runs several times. `originals` maps parameter names to read-only copies of W0
+    (do not modify them).
+    """
+
+
+@hookspec
+def prune_before_edit(session: "EditSession", model: "torch.nn.Module", targets: "list[str]") -> None:
+    """Called right before each edit is applied, with the names of the parameters the method may edit.
+
+    The weights are still those of the previous step: a plugin that works on one edit's own update (rather than
+    the accumulated W - W0) keeps what it needs of them here, and frees it in `prune_after_edit`.
     """
 
 
@@ -67,4 +84,6 @@ def prune_edit_end(
     steps: "list[EditStep]",
     originals: Mapping[str, "torch.Tensor"],
 ) -> None:
-    """Called once after the last edit of a sequence (the official PRUNE restrains here, in 'final' mode)."""
+    """Called after the last edit of a sequence: once per outermost edit()/batch_edit() call of an EasyEdit editor,
+    or per `session.end()` (the official PRUNE restrains here, in 'final' mode). `steps` holds every step of the
+    session so far."""

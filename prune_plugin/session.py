@@ -136,6 +136,7 @@ class EditSession:
             seed_everything(self.config.edit_seed + self.next_index)
         if self.config.prune_guard == "rollback":
             self._pre_edit = snapshot(self.model, self.targets)
+        self.pm.hook.prune_before_edit(session=self, model=self.model, targets=list(self.targets))
 
     def after_edit(self, request: Mapping[str, Any]) -> EditStep:
         """Call right after an edit was written into the weights; runs the per-edit hooks."""

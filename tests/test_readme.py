@@ -245,9 +245,13 @@ def check_shell_line(line: str) -> str:
         from prune_plugin.cli import build_parser
 
         argv = words[1:]
-        argv = argv if argv and argv[0] in ("run", "mine", "plot") else ["run", *argv]
+        argv = argv if argv and argv[0] in ("run", "restrain", "eval", "mine", "plot") else ["run", *argv]
         build_parser().parse_args(argv)  # argparse exits on an unknown option or a bad value
         return "prune-plugin: parses"
+    if words[:1] == ["pip"] and words[1:2] == ["install"]:
+        local = [w for w in words[2:] if not w.startswith("-")]
+        assert local and all((REPO / w).is_dir() for w in local), f"{line!r}: not a folder of this repository"
+        return "pip install of an example: installed and run by its test (test_example_rect.py)"
     if words[:2] == ["python", "-m"]:
         import importlib.util
 
@@ -280,8 +284,10 @@ def test_the_ci_script_runs_the_readme_test_command_and_fails_on_failure():
 def test_the_hook_entry_point_block_names_the_group_the_session_loads():
     from prune_plugin.hookspecs import PROJECT
 
-    (ini,) = blocks(section("Quick start"), "ini")
-    assert re.search(rf"^{PROJECT} =$", ini, re.MULTILINE), ini
+    (toml,) = blocks(section("Quick start"), "toml")
+    assert re.search(rf"^\[project\.entry-points\.{PROJECT}\]$", toml, re.MULTILINE), toml
+    # the worked example registers itself exactly as the README shows
+    assert toml.strip() in (REPO / "examples" / "rect" / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def test_quick_start_blocks_parse():
