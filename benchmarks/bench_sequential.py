@@ -87,8 +87,10 @@ def run(args) -> dict[str, Any]:
                      f"{fmt_seconds(rec['no_hint_seconds'])} ({rec['no_hint_path']})", fmt_seconds(rec["previous_seconds"]),
                      fmt_ratio(growth), f"{rec['edits'] / base['edits']:.0f}x"])
     checks = [{"what": f"sequential rank {rec['edits']}", "kind": "agreement",
-               "ok": rec["rank"] == rec["edits"] and rec["no_hint_rank"] == rec["edits"],
-               "text": f"{rec['edits']} edits: rank found {rec['rank']} (hinted) / {rec['no_hint_rank']} (no hint)"}
+               # exact rank rule: `rank` = the values >= smax(W0), all restrained, the same with or without a hint
+               "ok": rec["rank"] == rec["n_restrained"] == rec["no_hint_rank"] and 0 < rec["rank"] <= rec["edits"],
+               "text": f"{rec['edits']} edits: values >= smax(W0) found {rec['rank']} (hinted) / {rec['no_hint_rank']} "
+                       "(no hint)"}
               for rec in records]
     sequence = _online_sequence(args, m, n, w0, smax0, config)
     if not args.smoke and records and records[-1]["edits"] >= 1000:
