@@ -338,8 +338,33 @@ def test_the_covariance_block_runs_as_written(tmp_path):
     assert len(namespace["paths"]) == 2 and all(path.exists() for path in namespace["paths"])
 
 
+@pytest.mark.slow
+@requires_easyeditor
+def test_the_resume_block_runs_as_written(tmp_path, monkeypatch):
+    """An interrupted checkpointed run (one of two records applied) continued with the README's call."""
+    monkeypatch.chdir(tmp_path)  # BaseEditor writes logs/run.log into the working directory
+    from test_checkpoint import RECORDS, edit, rome_yaml
+
+    import prune_plugin.easyedit as pe
+    from prune_plugin.easyedit import legacy
+
+    pe.activate(legacy.import_easyeditor())
+    path = rome_yaml(tmp_path, prune_checkpoint_dir=str(tmp_path / "ckpt"), prune_checkpoint_at=[1, 2])
+    edit(path, RECORDS[:1])  # the "interrupted" run: its checkpoint after edit 1 is on disk
+    from prune_plugin.easyedit.driver import build_editor, load_hparams
+    from test_legacy_compat import tiny_model
+
+    model, tok = tiny_model("llama")
+    editor = build_editor(load_hparams(path), model, tok)
+    (code,) = blocks(section("The main job"), "python")
+    exec(compile(code, "README.md (long runs)", "exec"), {"editor": editor, "records": RECORDS[:2]})
+    session = pe.session_of(editor)
+    assert [s.request["prompt"] for s in session.steps] == [RECORDS[1]["prompt"]]  # only the record left
+    assert (tmp_path / "ckpt" / "edit-000002").is_dir()
+
+
 # The Python blocks above run; a new one fails this test until a test runs it too.
-RUN_PYTHON_BLOCKS = {"Quick start": 1, "lm-eval tasks": 1, "EasyEdit methods": 1}
+RUN_PYTHON_BLOCKS = {"Quick start": 1, "lm-eval tasks": 1, "EasyEdit methods": 1, "The main job, the miner, plots": 1}
 
 
 def test_every_python_block_of_the_readme_is_run():
