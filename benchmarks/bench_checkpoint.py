@@ -120,8 +120,11 @@ def _online_cost(args) -> dict[str, Any]:
         fig = figures["weight"]
         records.append({"edits": r, "rank": fig.rank, "path": fig.path, "per_edit_seconds": per_edit.median})
         rows.append([r, f"{fig.path} r={fig.rank}", fig.n_restrained, fmt_seconds(per_edit.median)])
-        checks.append({"what": f"online rank {r}", "kind": "agreement", "ok": fig.rank == min(r, m, n),
-                       "text": f"{r} edits: rank found {fig.rank}"})
+        # exact rank rule: the restraint finds (and restrains) the values of dW >= smax(W0); count them independently
+        over = int((torch.linalg.svdvals((w - w0).double()) >= smax0).sum())
+        checks.append({"what": f"online rank {r}", "kind": "agreement",
+                       "ok": fig.rank == fig.n_restrained == over and 0 < over <= min(r, m, n),
+                       "text": f"{r} edits: values >= smax(W0) found {fig.rank} (float64 SVD: {over})"})
     notes = [f"{label} {m}x{n} float32, dW of rank r after r rank-one edits (as ROME leaves it), smax(W0) cached, "
              f"rank hint r - 1; median of {args.repeats} after one warm-up. Compare with one ROME edit on the same "
              "model (docs/results.md: seconds per edit)."] + [c["text"] for c in checks]
