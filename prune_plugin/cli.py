@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="edit counts to checkpoint and evaluate at, e.g. 0,25,50,100 (default: 4 evenly spaced)")
     run.add_argument("--tasks", type=_names, default=",".join(d.tasks),
                      help="lm-eval tasks evaluated on every branch (default %(default)s)")
+    run.add_argument("--general-at", type=_counts, default=None,
+                     help="edit counts at which the tasks other than hardedit and collapse_ppl (prune_general) are "
+                          "evaluated, e.g. 0,100,240 (default: 0 and the last edit)")
+    run.add_argument("--prune-tasks-dir",
+                     help="folder with PRUNE's four official task files, for prune_general (default: $PRUNE_TASKS_DIR, "
+                          "else the small sets shipped with the plugin, not comparable with the paper)")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out from its last complete checkpoints")
     run.add_argument("--no-easyedit-metrics", dest="easyedit_metrics", action="store_false",
@@ -210,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
                          eval_sentences=args.eval_sentences, checkpoints=args.checkpoints, tasks=args.tasks,
-                         resume=args.resume, easyedit_metrics=args.easyedit_metrics)
+                         general_at=args.general_at, prune_tasks_dir=args.prune_tasks_dir, resume=args.resume, easyedit_metrics=args.easyedit_metrics)
     results = run_job(options)
     print()
     print(format_table(results))

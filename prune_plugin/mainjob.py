@@ -23,17 +23,27 @@ from .restraint import Alpha
 
 LOG = logging.getLogger("prune_plugin")
 METHODS = ("ROME", "MEMIT", "FT")
-EVAL_TASKS = ["hardedit", "collapse_ppl"]
+EVAL_TASKS = ["hardedit", "collapse_ppl", "prune_general"]
+# PRUNE's general-ability tasks (about a thousand greedy generations with the official files) are evaluated only
+# at JobOptions.general_at; every other task at every checkpoint.
+GENERAL_TASKS = ("prune_general", "prune_reasoning", "prune_summarization", "prune_open_qa", "prune_nli")
 
-# (task, metric key in lm-eval's results, label) for the side-by-side table
-TABLE_ROWS = [
-    ("hardedit_efficacy", "acc,none", "efficacy (rewrite prefers target_new)"),
-    ("hardedit_generalization", "acc,none", "generalization (paraphrase)"),
-    ("hardedit_locality", "acc,none", "locality (neighbour keeps its fact)"),
-    ("collapse_ppl_paper", "mean_ppl,none", "collapse perplexity (paper: mean per-sentence)"),
-    ("collapse_ppl_rolling", "word_perplexity,none", "word perplexity (lm-eval)"),
-    ("collapse_ppl_rolling", "bits_per_byte,none", "bits per byte (lm-eval)"),
-]
+
+def _table_rows() -> list[tuple[str, str, str]]:
+    """(task, metric key in lm-eval's results, label) for the side-by-side table: each group's headline numbers
+    (lmeval.HEADLINE_METRICS), plus lm-eval's own perplexities of the collapse sentences."""
+    from .lmeval import HEADLINE_METRICS
+
+    rows = []
+    for group, headline in HEADLINE_METRICS.items():
+        rows += [(task, f"{metric},none", label) for task, metric, label in headline]
+        if group == "collapse_ppl":
+            rows += [("collapse_ppl_rolling", "word_perplexity,none", "word perplexity (lm-eval)"),
+                     ("collapse_ppl_rolling", "bits_per_byte,none", "bits per byte (lm-eval)")]
+    return rows
+
+
+TABLE_ROWS = _table_rows()
 
 
 @dataclass
@@ -52,6 +62,8 @@ class JobOptions:
     eval_sentences: int = 100
     checkpoints: tuple | None = None  # edit counts to evaluate at (0 = the unedited model); None: 4 evenly spaced
     tasks: tuple = tuple(EVAL_TASKS)  # lm-eval tasks evaluated on every branch
+    general_at: tuple | None = None  # edit counts at which GENERAL_TASKS are evaluated; None: 0 and the last
+    prune_tasks_dir: str | None = None  # PRUNE's four official task files (else prune_general's small shipped sets)
     resume: bool = False  # continue the editing runs from their checkpoints; keep evaluations already done
     easyedit_metrics: bool = True  # EasyEdit's own pre/post scoring of every request (a tenth of a long CPU run)
 
@@ -75,6 +87,12 @@ def checkpoint_counts(options: JobOptions) -> list[int]:
     else:
         counts = [c for c in options.checkpoints if c <= options.edits]
     return sorted({0, *counts, options.edits})
+
+
+def tasks_at(options: JobOptions, count: int) -> list[str]:
+    """The tasks evaluated at `count` edits: GENERAL_TASKS at general_at, the others at every checkpoint."""
+    general = {0, options.edits} if options.general_at is None else set(options.general_at)
+    return [t for t in options.tasks if t not in GENERAL_TASKS or count in general]
 
 
 @dataclass
@@ -114,6 +132,8 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     records = load_edit_records(options.data)[: options.edits]
+    if any(t in GENERAL_TASKS for t in options.tasks):
+        check_prune_tasks(options.prune_tasks_dir)  # a bad file fails now, not after the editing run
     if len(records) < options.edits:
         raise ValueError(f"--edits {options.edits}: the edit records hold only {len(records)}")
     sentences = load_reference_sentences()
@@ -147,14 +167,17 @@ def run_job(options: JobOptions) -> dict[str, Any]:
 
     evaluations_path = out / "evaluations.json"
     evaluations = _read_json_or(evaluations_path, {}) if options.resume else {}
-    tasks = list(options.tasks)
     for count in counts:
         subset = write_json(out / f"edited_records_{count}.json", records[:count] if count else records)
         metadata = {"hardedit_path": str(subset), "collapse_path": str(eval_corpus)}
+        if options.prune_tasks_dir:
+            metadata["prune_tasks_dir"] = str(options.prune_tasks_dir)
+        tasks = tasks_at(options, count)
         for run in runs:
             for arm, alpha in run.branches.items():
                 key = "unedited@0" if count == 0 else f"{arm}@{count}"
-                done = evaluations.get(key, {}).get("tasks", EVAL_TASKS if key in evaluations else [])
+                # evaluations written before the "tasks" field held hardedit and collapse_ppl
+                done = evaluations.get(key, {}).get("tasks", ["hardedit", "collapse_ppl"] if key in evaluations else [])
                 missing = [t for t in tasks if t not in done]  # a resumed run may add tasks (prune_general)
                 if not missing:
                     continue
@@ -174,6 +197,16 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     results["plots"] = [str(p) for p in plot_curves(results["curves"], out)]
     write_json(out / "results.json", results)
     return results
+
+
+def check_prune_tasks(folder: str | None) -> None:
+    """Read prune_general's four files from `folder` (or where the task would find them): a missing or malformed
+    file is an error naming the file, the record and the field."""
+    from .datasets import (load_nli_records, load_open_qa_records, load_reasoning_records,
+                           load_summarization_records)
+
+    for load in (load_reasoning_records, load_summarization_records, load_open_qa_records, load_nli_records):
+        load(folder)
 
 
 def _edit_sequence(run: EditingRun, options: JobOptions, model, tok, records, base_yaml, counts, out: Path,
@@ -290,15 +323,18 @@ def prepare_statistics(model, tok, hparams: Any, sentences) -> bool:
     return True
 
 
-def _evaluate(model, tok, metadata, tasks: Iterable[str] = EVAL_TASKS) -> dict[str, float]:
+def _evaluate(model, tok, metadata, tasks: Iterable[str]) -> dict[str, float]:
     """Every numeric metric lm-eval reports for `tasks`, as {"task/metric,filter": value}."""
     from .lmeval import evaluate
 
     # The paper scores sentences without BOS; SmolLM2's tokenizer would add one.
     raw = evaluate(model, tok, list(tasks), metadata=metadata, batch_size=10, bootstrap_iters=0,
                    model_kwargs={"add_bos_token": False})["results"]
+    # NaN (prune_nli's acc_answered when no row answered True or False) is left out: it is no number to plot,
+    # and JSON has no NaN.
     return {f"{task}/{key}": float(value) for task, values in raw.items() for key, value in values.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key}
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key
+            and not math.isnan(value)}
 
 
 def _summarise_easyedit(metrics: list[dict]) -> dict[str, float]:
@@ -315,6 +351,8 @@ def format_table(results: dict[str, Any]) -> str:
     for task, key, label in TABLE_ROWS:
         cell = f"{task}/{key}"
         row = [_fmt(results["unedited"].get(cell))] + [_fmt(a["metrics"].get(cell)) for a in arms.values()]
+        if set(row) == {"n/a"}:
+            continue  # a task this run did not evaluate
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines.append("| editing time (s, the arm's editing run) | - | "
                  + " | ".join(f"{a['seconds_editing']:.0f}" for a in arms.values()) + " |")

@@ -112,7 +112,7 @@ CURVE_FIGURES = [
      [("hardedit_efficacy/acc,none", "efficacy"), ("hardedit_generalization/acc,none", "generalization"),
       ("hardedit_locality/acc,none", "locality")]),
 ]
-_KNOWN_TASKS = ("hardedit", "collapse_ppl")
+_KNOWN_TASKS = ("hardedit", "collapse_ppl", "prune_")
 
 
 def plot_curves(curves: Mapping[str, Sequence[Mapping]], out_dir: str | os.PathLike) -> list[Path]:
@@ -145,11 +145,13 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping]], out_dir: str | os.PathL
     ax.legend(fontsize=8)
     written.append(_save(fig, out / "condition_number.png"))
 
-    general = sorted({k for points in curves.values() for p in points for k in p.get("metrics", {})
-                      if not k.startswith(_KNOWN_TASKS)})
-    figures = list(CURVE_FIGURES)
-    if general:
-        figures.append(("general_abilities.png", "General abilities", "score", False, [(k, k) for k in general]))
+    from .lmeval import HEADLINE_METRICS
+
+    # PRUNE's four downstream tasks by their headline numbers; any other task's metrics as they are named
+    general = [(f"{task}/{metric},none", label) for task, metric, label in HEADLINE_METRICS["prune_general"]]
+    general += sorted((k, k) for k in {k for points in curves.values() for p in points for k in p.get("metrics", {})
+                                       if not k.startswith(_KNOWN_TASKS)})
+    figures = [*CURVE_FIGURES, ("general_abilities.png", "General abilities", "score", False, general)]
     for file, title, ylabel, log, panels in figures:
         present = [(k, label) for k, label in panels if any(k in p.get("metrics", {}) for ps in curves.values() for p in ps)]
         if not present:

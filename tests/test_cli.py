@@ -100,11 +100,16 @@ def test_main_job_edits_once_and_evaluates_every_arm_at_every_checkpoint(main_jo
         for point in curve:
             assert 0 <= point["metrics"]["hardedit_efficacy/acc,none"] <= 1
             assert point["metrics"]["collapse_ppl_paper/mean_ppl,none"] > 1
+        # PRUNE's general abilities (about a thousand generations with the official files) at 0 and the last edit
+        assert ["prune_reasoning/acc,none" in p["metrics"] for p in curve] == [True, False, True]
+        assert 0 <= curve[-1]["metrics"]["prune_summarization/rouge,none"] <= 1
     cond = {arm: curve[-1]["cond"]["model.layers.1.mlp.down_proj.weight"] for arm, curve in results["curves"].items()}
     restrained = results["curves"]["prune-a=e"][-1]["restraint"]["model.layers.1.mlp.down_proj.weight"]["restrained"]
     assert restrained > 0 and cond["prune-a=e"] < cond["no-restraint"]  # the arms separate
     assert cond["prune-a=linear"] != cond["prune-a=e"]
-    for name in ("condition_number.png", "collapse_perplexity.png", "editing_metrics.png", "table.md"):
+    assert "| reasoning (GSM8K acc) |" in (out / "table.md").read_text()
+    for name in ("condition_number.png", "collapse_perplexity.png", "editing_metrics.png", "general_abilities.png",
+                 "table.md"):
         assert (out / name).stat().st_size > 0
 
 
