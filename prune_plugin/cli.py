@@ -162,9 +162,12 @@ def _check_common(args: argparse.Namespace) -> None:
         if path and not os.access(path, os.R_OK):
             raise UsageError(f"--{option}: cannot read {path}")
     from .datasets import load_edit_records
+    from .mainjob import GENERAL_TASKS, check_prune_tasks
 
     try:
         load_edit_records(args.data)  # a malformed file fails here, with file, record and field
+        if args.command == "run" and any(t in GENERAL_TASKS for t in args.tasks):
+            check_prune_tasks(args.prune_tasks_dir)  # before the editing run, not an hour later
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from None
 

@@ -39,6 +39,19 @@ def test_a_malformed_data_file_names_the_file_record_and_field(capsys, tmp_path)
     assert code == 2 and len(err) == 1 and "edits.json" in err[0] and "record 0" in err[0]
 
 
+def test_a_malformed_prune_tasks_file_is_refused_before_any_editing(capsys, tmp_path):
+    from prune_plugin.datasets import default_prune_tasks_dir
+    import shutil
+
+    folder = shutil.copytree(default_prune_tasks_dir(), tmp_path / "tasks")
+    (folder / "test-reasoning.jsonl").write_text('{"question": 3, "answer": "#### 1"}\n')
+    code, err = run_cli(capsys, "run", "--prune-tasks-dir", str(folder))
+    assert code == 2 and len(err) == 1
+    assert "test-reasoning.jsonl" in err[0] and "record 0" in err[0] and "'question'" in err[0]
+    code, err = run_cli(capsys, "run", "--prune-tasks-dir", str(tmp_path / "missing"))
+    assert code == 2 and "no such folder" in err[0]
+
+
 def test_invalid_json_is_one_line_too(capsys, tmp_path):
     bad = tmp_path / "edits.json"
     bad.write_text("[{")
