@@ -10,6 +10,7 @@ lm-eval is an optional dependency, so it is imported inside the functions only.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -105,12 +106,44 @@ def evaluate(
             include_path=[str(task_dir())], include_defaults=include_defaults, metadata=task_metadata
         )
         task_list = [tasks] if isinstance(tasks, str) else list(tasks)
-        results = simple_evaluate(model=lm, tasks=task_list, limit=limit, task_manager=manager, **kwargs)
+        with _environment_collected_once():
+            results = simple_evaluate(model=lm, tasks=task_list, limit=limit, task_manager=manager, **kwargs)
     finally:
         unregister_tokenizer(handle)
     if results is None:  # lm-eval returns None on non-zero ranks of a distributed run
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
     return results
+
+
+@contextlib.contextmanager
+def _environment_collected_once() -> Iterator[None]:
+    """simple_evaluate records the environment (torch's collect_env: `pip list` and other subprocesses) in every
+    results dict: about 1.5 s per call on a CPU, which the main job pays once per branch. It does not change within
+    a process, so collect it once and copy it into each later results dict."""
+    import copy
+
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+    if getattr(original, "_prune_plugin_cached", False):  # nested call: already in place
+        yield
+        return
+    cache: dict[str, Any] = _ENV_INFO
+
+    def add_env_info(storage: dict[str, Any]) -> None:
+        if not cache:
+            original(cache)
+        storage.update(copy.deepcopy(cache))
+
+    add_env_info._prune_plugin_cached = True  # type: ignore[attr-defined]
+    evaluator.add_env_info = add_env_info
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
+
+
+_ENV_INFO: dict[str, Any] = {}
 
 
 def headline_scores(results: dict, groups: Sequence[str] = TASKS) -> dict[str, float]:

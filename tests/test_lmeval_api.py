@@ -52,6 +52,23 @@ def test_evaluate_honours_limit(files):
     assert out["n-samples"]["hardedit_locality"]["effective"] == 3
 
 
+def test_the_environment_is_collected_once_per_process_and_lm_eval_is_left_as_it_was(files, monkeypatch):
+    import lm_eval.evaluator
+    import torch.utils.collect_env
+
+    calls = []
+    monkeypatch.setattr(lmeval, "_ENV_INFO", {})
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: calls.append(1) or "env text")
+    original = lm_eval.evaluator.add_env_info
+    model, tok = tiny_llama()
+    first, second = (lmeval.evaluate(model, tok, "hardedit_locality", metadata=files, limit=1, bootstrap_iters=0)
+                     for _ in range(2))
+    assert len(calls) == 1  # the `pip list` subprocesses behind it cost about 1.5 s a call
+    assert first["pretty_env_info"] == second["pretty_env_info"] == "env text"
+    assert second["transformers_version"] == first["transformers_version"]
+    assert lm_eval.evaluator.add_env_info is original
+
+
 def test_the_data_files_can_come_from_environment_variables(files, monkeypatch):
     monkeypatch.setenv(COLLAPSE_PATH_ENV, files["collapse_path"])
     monkeypatch.setenv(HARDEDIT_PATH_ENV, files["hardedit_path"])
