@@ -132,7 +132,11 @@ def run(args) -> dict[str, Any]:
     model, tok, model_name = build_model(args.smoke)
     rounds = 1 if args.smoke else max(1, args.repeats)  # smoke: one round, it only checks that the legs agree
     rows, records, checks = [], [], []
-    for task in SUBTASKS:
+    chosen = getattr(args, "general_tasks", None)
+    tasks = [t for t in SUBTASKS if not chosen or t in chosen.split(",")]
+    if chosen and not tasks:
+        raise SystemExit(f"--general-tasks {chosen}: none of {', '.join(SUBTASKS)}")
+    for task in tasks:
         prompts, budget = task_prompts(task, folder, limit)
         floor = make_floor(model, tok, prompts, budget, batch, NLI_CHOICES if task == "prune_nli" else ())
         floor_times, lmeval_times, ratios = [], [], []

@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="restrict 'restraint' to these dW kinds: a rank (1, 10, 100), ftK (full rank, K values above "
                         "smax(W0)) or full (repeatable)")
     p.add_argument("--max-edits", type=int, default=None, help="largest number of rank-one edits in 'sequential' (default 1000)")
+    p.add_argument("--general-tasks", default=None,
+                   help="prune_general subtasks timed in 'generation', comma-separated (default: all four)")
     p.add_argument("--general-limit", type=int, default=None,
                    help="prompts per prune_general subtask in 'generation' (default 16; the official counts are 358/149/261/299)")
     p.add_argument("--prune-tasks-dir", default=None,

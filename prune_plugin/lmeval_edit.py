@@ -70,12 +70,12 @@ def _piece_for(encoding: _HFLMEncoding, text: str, whole: Sequence[int], k: int,
             break
         if encoding.tok_encode(text[:begin].rstrip() or text[:begin]) != prefix:
             continue
+        # Every end, not only up to the first span of two tokens: a span one character short of a word can be two
+        # tokens (SmolLM2: " Zealan" is " Zeal" + "an") where the whole word (" Zealand") is one.
         for end in (c for c in cuts if c > begin):
             context, continuation = encoding.encode_pair(text[:begin], text[begin:end])
             if context == prefix and continuation == target:
                 return [text[:begin], text[begin:end]]
-            if len(continuation) > 1:
-                break
     return None
 
 

@@ -158,3 +158,40 @@ def test_romes_counterfact_form_scores_like_the_same_records_in_easyedits_form(m
     for task in ("hardedit_efficacy", "hardedit_generalization"):
         for metric in ("acc,none", "token_acc,none", "acc_total,none"):
             assert out["results"][task][metric] == pytest.approx(run["results"][task][metric]), (task, metric)
+
+
+
+def word_merging_tokenizer():
+    """Byte-level BPE whose merges build each word of the Canberra sentence, " Zealand" as " Zeal" + "and": so
+    " Zealand" is one token and " Zealan" two (" Zeal", "an"), as in SmolLM2's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<pad>", "<bos>", "<eos>", *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    merges = []
+
+    def merge(a: str, b: str) -> None:
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+
+    for word in ("Canberra", "Ġis", "Ġthe", "Ġcapital", "Ġof", "ĠNew", "ĠZeal"):
+        for i in range(1, len(word)):
+            merge(word[:i], word[i])
+    for a, b in (("a", "n"), ("an", "d"), ("ĠZeal", "and")):
+        merge(a, b)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def test_token_acc_splits_an_answer_whose_last_word_is_one_token():
+    """The search for the text of each answer token must look past a span that is two tokens (" Zealan") to the one
+    that is the token (" Zealand"), not give up at it."""
+    from prune_plugin.lmeval_edit import lm_eval_encoding, token_pieces
+
+    tok = word_merging_tokenizer()
+    assert tok.convert_ids_to_tokens(tok(" Zealand")["input_ids"]) == ["ĠZealand"]
+    assert tok.convert_ids_to_tokens(tok(" Zealan")["input_ids"]) == ["ĠZeal", "an"]
+    pieces = token_pieces(lm_eval_encoding(tok, add_bos_token=False), "Canberra is the capital of", "New Zealand")
+    assert pieces == [["Canberra is the capital of", " New"], ["Canberra is the capital of New", " Zealand"]]
