@@ -19,7 +19,8 @@ import torch
 from .checkpoint import Checkpoint, check_model
 from .config import PruneConfig
 from .restraint import Alpha
-from .session import EditSession, MatrixFigures, make_plugin_manager
+from .session import EditSession, make_plugin_manager
+from .spectrum import MatrixFigures
 
 
 def branch_config(checkpoint: Checkpoint, alpha: Alpha) -> PruneConfig:

@@ -25,22 +25,10 @@ import torch
 from . import hookspecs
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
-from .restraint import RestraintFigures
 from .seeding import seed_everything
-from .spectrum import SmaxCache
+from .spectrum import MatrixFigures, SmaxCache
 
 LOG = logging.getLogger("prune_plugin")
-
-
-@dataclass
-class MatrixFigures(RestraintFigures):
-    """What telemetry reports for one edited matrix after one edit (condition numbers may be None: not computed)."""
-
-    name: str
-    restrained: bool
-    cond_before: float | None = None
-    cond_after: float | None = None
-    seconds: float = 0.0
 
 
 @dataclass

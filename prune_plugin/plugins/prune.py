@@ -12,10 +12,10 @@ import torch
 from ..hookspecs import hookimpl
 from ..originals import get_parameter
 from ..restraint import restrain_parameter
-from ..spectrum import condition_number
+from ..spectrum import MatrixFigures, condition_number
 
 if TYPE_CHECKING:
-    from ..session import EditSession, EditStep, MatrixFigures
+    from ..session import EditSession, EditStep
 
 LOG = logging.getLogger("prune_plugin")
 
@@ -24,10 +24,8 @@ class PruneEnlargeWarning(UserWarning):
     """F would have enlarged singular values (smax(W0) < 1/ln a); the never-enlarge guard kept them."""
 
 
-def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bool = True) -> dict[str, "MatrixFigures"]:
+def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bool = True) -> dict[str, MatrixFigures]:
     """Restrain dW = W - W0 of each named 2-D parameter (write=False only measures what PRUNE would do)."""
-    from ..session import MatrixFigures
-
     cfg = session.config
     figures: dict[str, MatrixFigures] = {}
     for name in names:
