@@ -93,7 +93,6 @@ def _online_cost(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.plugins.prune import restrain_matrices
     from prune_plugin.session import EditSession
     from prune_plugin.spectrum import largest_singular_value
 
@@ -115,7 +114,7 @@ def _online_cost(args) -> dict[str, Any]:
                 model.weight.copy_(w)
             session.rank_hints["weight"] = r - 1  # what the previous edit of an online run found
 
-        per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=args.repeats, warmup=1,
+        per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=args.repeats, warmup=1,
                                   setup=setup)
         fig = figures["weight"]
         records.append({"edits": r, "rank": fig.rank, "path": fig.path, "per_edit_seconds": per_edit.median})

@@ -41,7 +41,6 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
     from prune_plugin.config import PruneConfig
     from prune_plugin.originals import fingerprint
-    from prune_plugin.plugins.prune import restrain_matrices
     from prune_plugin.session import EditSession
     from prune_plugin.spectrum import condition_number, largest_singular_value
 
@@ -68,7 +67,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         measure(session.begin)
         with torch.no_grad():
             model.weight.copy_(w)
-        restrain_matrices(session, ["weight"])  # the first edit fills the per-matrix state
+        session.restrain_matrices(["weight"])  # the first edit fills the per-matrix state
         out["kept_w0_bytes"] = session.originals.nbytes()
         out["kept_state_bytes"] = _small_state_bytes(session, "weight")
         out["kept_state"] = {"smax": "weight" in session.smax, "rank_hint": session.rank_hints.get("weight"),
@@ -88,7 +87,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         with torch.no_grad():
             model.weight.copy_(w)
         if what == "restrain_matrices":
-            figures = measure(lambda: restrain_matrices(session, ["weight"]))
+            figures = measure(lambda: session.restrain_matrices(["weight"]))
             out["n_restrained"] = figures["weight"].n_restrained
         else:
             from .previous_path import previous_restrain_matrices
@@ -174,7 +173,7 @@ def run(args) -> dict[str, Any]:
     notes += [
         f"peak = extra resident memory during one call (VmHWM reset before, read after; a fresh process per cell, except in --smoke); "
         f"(Nx) = multiple of the matrix's own size. dW of rank {rank}; per-edit state (smax cached, rank hint set).",
-        "restrain_matrices = the per-edit path of prune_plugin/plugins/prune.py (restraint.restrain_parameter: dW in "
+        "restrain_matrices = the per-edit path, EditSession.restrain_matrices (restraint.restrain_parameter: dW in "
         "one float64 buffer, W0 + U F V^T written back in row blocks); previous path = the one before commit 2496cd1 "
         "(benchmarks/previous_path.py: dense float64 dW, result and W0 copies); gain = previous / current peak.",
         "cond. number = one spectrum.condition_number call; restrain_matrices makes two per edit when telemetry "

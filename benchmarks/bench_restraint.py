@@ -83,7 +83,6 @@ def run(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.plugins.prune import restrain_matrices
     from prune_plugin.restraint import restrain_dense_reference
     from prune_plugin.session import EditSession
     from prune_plugin.spectrum import largest_singular_value
@@ -136,11 +135,11 @@ def run(args) -> dict[str, Any]:
                 holder["s"].begin()
                 put_w()
 
-            first_timing, _ = adaptive(lambda: restrain_matrices(holder["s"], ["weight"]),
+            first_timing, _ = adaptive(lambda: holder["s"].restrain_matrices(["weight"]),
                                        repeats=repeats, budget=args.budget, setup=fresh_session, collect=big)
             session = holder["s"]
             # Per edit: smax cached, rank hint from the previous call.
-            per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]),
+            per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]),
                                       repeats=repeats, warmup=1, setup=put_w, collect=big)
             fig = figures["weight"]
             w_plugin = param.detach().clone()
@@ -153,10 +152,10 @@ def run(args) -> dict[str, Any]:
                     param.copy_(w0)
                 today_session.begin()
                 today_session.smax.put("weight", smax0)
-                today_timing, today_figures = adaptive(lambda: restrain_matrices(today_session, ["weight"]),
+                today_timing, today_figures = adaptive(lambda: today_session.restrain_matrices(["weight"]),
                                                        repeats=repeats, budget=args.budget, setup=put_w, collect=big)
                 if len(today_timing.samples) > 1:  # the hinted steady state, as for the plugin
-                    today_timing, today_figures = timed(lambda: restrain_matrices(today_session, ["weight"]),
+                    today_timing, today_figures = timed(lambda: today_session.restrain_matrices(["weight"]),
                                                         repeats=repeats, warmup=0, setup=put_w, collect=big)
                 today_fig = today_figures["weight"]
                 w_today = param.detach().clone()

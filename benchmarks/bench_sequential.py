@@ -33,7 +33,6 @@ def run(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.plugins.prune import restrain_matrices
     from prune_plugin.session import EditSession
     from prune_plugin.spectrum import largest_singular_value
 
@@ -68,10 +67,10 @@ def run(args) -> dict[str, Any]:
                 param.copy_(w)
             session.rank_hints["weight"] = hint
 
-        per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,
+        per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=repeats, warmup=1,
                                   setup=lambda: setup(r - 1), collect=big)
         fig = figures["weight"]
-        cold, cold_figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,
+        cold, cold_figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=repeats, warmup=1,
                                    setup=lambda: setup(0), collect=big)
         cold_fig = cold_figures["weight"]
         previous, _ = timed(lambda: previous_restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,

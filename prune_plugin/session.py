@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pluggy
 import torch
@@ -25,10 +26,15 @@ import torch
 from . import hookspecs
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
+from .restraint import restrain_parameter
 from .seeding import seed_everything
-from .spectrum import MatrixFigures, SmaxCache
+from .spectrum import MatrixFigures, SmaxCache, condition_number
 
 LOG = logging.getLogger("prune_plugin")
+
+
+class PruneEnlargeWarning(UserWarning):
+    """F would have enlarged singular values (smax(W0) < 1/ln a); the never-enlarge guard kept them."""
 
 
 @dataclass
@@ -95,6 +101,9 @@ class EditSession:
         self.steps: list[EditStep] = []
         self.rank_hints: dict[str, int] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
+        # Condition numbers cost a dense singular-value pass per matrix: measured only for a plugin that records
+        # them (telemetry switches this on)
+        self.measure_condition = False
         self._seen: dict[str, tuple[int, int]] = {}
         self._original_prints: dict[str, tuple[int, int]] = {}  # fingerprints of W0, taken on each weight's device
         self._pre_edit: dict[str, torch.Tensor] | None = None
@@ -183,12 +192,49 @@ class EditSession:
                 changed.append(n)
         return changed
 
+    def restrain_matrices(self, names: Iterable[str], *, write: bool = True) -> dict[str, MatrixFigures]:
+        """Restrain dW = W - W0 of each named 2-D parameter (write=False only measures what PRUNE would do); the
+        condition numbers before and after are measured when `measure_condition` is set."""
+        cfg = self.config
+        figures: dict[str, MatrixFigures] = {}
+        for name in names:
+            param = get_parameter(self.model, name)
+            if param.ndim != 2:
+                continue  # biases and norms: no spectrum to restrain
+            t0 = time.perf_counter()
+            original = self.originals[name]  # may live on the CPU: restrain_parameter moves it block by block
+            with torch.no_grad():
+                if name not in self.smax:  # once per matrix, on the weight's device; reuse that copy below
+                    original = original.to(param.device)
+                smax0 = self.smax.get(name, original)
+                try:
+                    cond_before = condition_number(param) if self.measure_condition else None
+                    result, wrote = restrain_parameter(
+                        param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
+                        rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0), write=write,
+                    )
+                except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
+                    raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
+                                             "restrained (session.restore() gives back W0)") from None
+                self.rank_hints[name] = result.next_rank_hint
+                cond_after = (condition_number(param) if wrote else cond_before) if self.measure_condition else None
+            if result.n_guarded and write:
+                warnings.warn(
+                    f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "
+                    "kept them unchanged (prune_never_enlarge: false reproduces the official formula)",
+                    PruneEnlargeWarning, stacklevel=2,
+                )
+            figures[name] = MatrixFigures(**result.scalar_figures(), name=name, restrained=wrote, cond_before=cond_before,
+                                          cond_after=cond_after, seconds=time.perf_counter() - t0)
+            if wrote:
+                LOG.info("PRUNE %s: %d of %d singular values restrained (smax(dW) %.4g -> %.4g, smax(W0) %.4g)",
+                         name, result.n_restrained, result.rank, result.smax_delta, float(result.restrained_values.max()), smax0)
+        return figures
+
     def restrain_now(self) -> dict[str, MatrixFigures]:
         """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode."""
-        from .plugins.prune import restrain_matrices
-
         self.begin()
-        figures = restrain_matrices(self, self.changed_from_original())
+        figures = self.restrain_matrices(self.changed_from_original())
         self.last_restraint = figures
         self._seen.update({n: fingerprint(get_parameter(self.model, n)) for n in figures})
         return figures
@@ -206,11 +252,6 @@ class EditSession:
         """Write W0 back into every target, bit for bit."""
         self.originals.restore(self.model)
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
-
-    @property
-    def wants_condition(self) -> bool:
-        """Condition numbers cost a dense singular-value pass per matrix: only when telemetry records them."""
-        return self.config.prune_telemetry is not None and self.config.prune_telemetry_condition
 
     def timed(self, step: EditStep, what: str) -> "_Timer":
         return _Timer(step, what)
