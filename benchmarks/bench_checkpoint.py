@@ -93,7 +93,7 @@ def _online_cost(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import largest_singular_value
 
     label, m, n = SMOKE_ONLINE_SHAPE if args.smoke else ONLINE_SHAPE
@@ -105,7 +105,7 @@ def _online_cost(args) -> dict[str, Any]:
     for r in counts:
         w = make_update(m, n, r, smax0, seed=r).add_(w0).to(torch.float32)
         model = one_matrix_model(w0)
-        session = EditSession(model, config, ["weight"])
+        session = edit_session(model, config, ["weight"])
         session.begin()
         session.smax.put("weight", smax0)
 

@@ -41,7 +41,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
     from prune_plugin.config import PruneConfig
     from prune_plugin.originals import fingerprint
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import condition_number, largest_singular_value
 
     from .common import make_original, make_update, one_matrix_model
@@ -63,7 +63,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
     if what == "begin":
         model = one_matrix_model(w0)
-        session = EditSession(model, cfg, ["weight"])
+        session = edit_session(model, cfg, ["weight"])
         measure(session.begin)
         with torch.no_grad():
             model.weight.copy_(w)
@@ -80,7 +80,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         measure(lambda: condition_number(w))
     elif what in ("restrain_matrices", "previous_path"):
         model = one_matrix_model(w0)
-        session = EditSession(model, cfg, ["weight"])
+        session = edit_session(model, cfg, ["weight"])
         session.begin()
         session.smax.put("weight", largest_singular_value(w0) if m * n < LARGE else NOMINAL_SMAX * 0.93)
         session.rank_hints["weight"] = rank  # the steady state of a sequence: the previous edit's rank is known

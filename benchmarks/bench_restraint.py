@@ -84,7 +84,7 @@ def run(args) -> dict[str, Any]:
 
     from prune_plugin.config import PruneConfig
     from prune_plugin.restraint import restrain_dense_reference
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import largest_singular_value
 
     from .official import official_restrain
@@ -131,7 +131,7 @@ def run(args) -> dict[str, Any]:
             def fresh_session() -> None:
                 with torch.no_grad():
                     param.copy_(w0)
-                holder["s"] = EditSession(model, config, ["weight"])
+                holder["s"] = edit_session(model, config, ["weight"])
                 holder["s"].begin()
                 put_w()
 
@@ -147,7 +147,7 @@ def run(args) -> dict[str, Any]:
             # full-rank dW it is the dense float64 SVD, minutes at the largest shape: skipped there.
             today_timing = today_fig = w_today = None
             if not (large and r == min(m, n) and not args.full_rank_large):
-                today_session = EditSession(model, today, ["weight"])
+                today_session = edit_session(model, today, ["weight"])
                 with torch.no_grad():
                     param.copy_(w0)
                 today_session.begin()

@@ -16,7 +16,7 @@ _PUBLIC = {
     "parse_alpha": "restraint", "OFFICIAL_BASES": "restraint",
     "largest_singular_value": "spectrum", "condition_number": "spectrum", "MatrixFigures": "spectrum",
     "PruneConfig": "config", "PruneConfigError": "config", "load_yaml_config": "config",
-    "EditSession": "session", "EditStep": "session", "make_plugin_manager": "session",
+    "EditSession": "session", "EditStep": "session", "make_plugin_manager": "plugins", "edit_session": "plugins",
     "hookimpl": "hookspecs", "hookspec": "hookspecs",
     "mean_perplexity": "perplexity", "sentence_perplexities": "perplexity",
     "read_telemetry": "plugins.telemetry",

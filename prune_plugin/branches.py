@@ -19,7 +19,8 @@ import torch
 from .checkpoint import Checkpoint, check_model
 from .config import PruneConfig
 from .restraint import Alpha
-from .session import EditSession, make_plugin_manager
+from .plugins import make_plugin_manager
+from .session import EditSession
 from .spectrum import MatrixFigures
 
 
@@ -37,7 +38,7 @@ def apply_checkpoint(model: torch.nn.Module, checkpoint: Checkpoint, alpha: Alph
     config = branch_config(checkpoint, alpha) if alpha is not None else PruneConfig()
     # No third-party plugins: a branch is the checkpoint and, at most, the built-in restraint.
     session = EditSession(model, config, list(checkpoint.manifest["matrices"]),
-                          plugin_manager=make_plugin_manager(load_entry_points=False))
+                          plugin_manager=make_plugin_manager(config, load_entry_points=False))
     session.begin()  # W0, from the model as it is now
     check_model(checkpoint, session.originals, model)
     session.resume_at(checkpoint.edits, checkpoint.matrices(), checkpoint.state.get("rank_hints", {}))

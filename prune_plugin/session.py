@@ -1,9 +1,11 @@
 """One editing sequence on one model: W0 bookkeeping, the hook calls, rollback and restoration.
 
 Framework-agnostic: the EasyEdit integration drives it (begin -> before_edit/after_edit per request -> end), and
-so can any other editing loop:
+so can any other editing loop. The caller hands it a plugin manager (prune_plugin.plugins builds one with the
+built-in plugins a config asks for); the session itself knows no plugin, only the hook contract:
 
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), targets=[...])
+    config = PruneConfig(prune=True, prune_mode="online")
+    session = EditSession(model, config, targets=[...], plugin_manager=make_plugin_manager(config))
     for request in requests:
         session.before_edit()
         my_editor.apply(model, request)
@@ -23,7 +25,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import pluggy
 import torch
 
-from . import hookspecs
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
 from .restraint import restrain_parameter
@@ -52,23 +53,6 @@ class EditStep:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A manager holding the hook contract, with third-party plugins from the ``prune_plugin`` entry points."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    if load_entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-    return pm
-
-
-def extra_config_keys(pm: pluggy.PluginManager) -> dict[str, Any]:
-    """The extra YAML keys registered plugins declare (prune_config_keys)."""
-    keys: dict[str, Any] = {}
-    for declared in pm.hook.prune_config_keys():
-        keys.update(declared or {})
-    return keys
-
-
 class EditSession:
     """Drives the hooks over one sequence of edits of `targets` (parameter names) in `model`."""
 
@@ -78,8 +62,8 @@ class EditSession:
         config: PruneConfig,
         targets: Sequence[str],
         *,
+        plugin_manager: pluggy.PluginManager,
         tokenizer: Any = None,
-        plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
         if not targets:
             raise ValueError("an edit session needs at least one target parameter name")
@@ -95,7 +79,7 @@ class EditSession:
         self.config = config
         self.targets = list(targets)
         self.tokenizer = tokenizer
-        self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager()
+        self.pm = plugin_manager  # built by the caller (prune_plugin.plugins.make_plugin_manager): the session imports no plugin
         self.originals = OriginalWeights("cpu" if config.prune_originals_device == "cpu" else None)
         self.smax = SmaxCache()
         self.steps: list[EditStep] = []
@@ -112,7 +96,6 @@ class EditSession:
         self.stopped = False  # set when a step asked to stop: drivers apply no further edits
         self.depth = 0  # nesting of a driver's edit calls; the outermost one ends the sequence
         self.first_index = 0  # edits applied before this session (a run resumed from a checkpoint)
-        _register_builtins(self)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def begin(self) -> None:
@@ -266,22 +249,3 @@ class _Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.step.seconds[self.what] = self.step.seconds.get(self.what, 0.0) + time.perf_counter() - self.t0
-
-
-def _register_builtins(session: EditSession) -> None:
-    from .plugins.prune import PruneRestraint
-    from .plugins.telemetry import Telemetry
-
-    cfg = session.config
-    wanted: dict[str, Any] = {}
-    if cfg.prune:
-        wanted["prune"] = PruneRestraint
-    if cfg.prune_guard != "off":
-        from .plugins.guard import CollapseGuard
-
-        wanted["collapse_guard"] = CollapseGuard
-    if cfg.prune_telemetry is not None:
-        wanted["telemetry"] = lambda: Telemetry(cfg.prune_telemetry)
-    for name, make in wanted.items():
-        if session.pm.get_plugin(name) is None:  # a manager shared between sessions keeps its plugins
-            session.pm.register(make(), name=name)

@@ -16,7 +16,8 @@ import logging
 import os
 from typing import Any, ContextManager
 
-from ..session import EditSession, extra_config_keys, make_plugin_manager
+from ..plugins import extra_config_keys, make_plugin_manager
+from ..session import EditSession
 from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
 from .hparams import patch_hparams_classes, prune_config_of
 from .resume import resume

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import PruneConfig
+from ..plugins import make_plugin_manager
 from ..session import EditSession
 from .hparams import prune_config_of
 
@@ -139,7 +140,7 @@ def attach_session(editor: Any) -> EditSession | None:
         return None
     check_applicable(editor.alg_name)
     session = EditSession(editor.model, config, target_parameters(editor.model, editor.hparams, config),
-                          tokenizer=getattr(editor, "tok", None))
+                          plugin_manager=make_plugin_manager(config), tokenizer=getattr(editor, "tok", None))
     editor._prune_session = session
     if config.prune_checkpoint_dir is not None:
         from .resume import attach_checkpointing
