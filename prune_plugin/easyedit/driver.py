@@ -99,23 +99,15 @@ def edit_sequentially(editor: Any, records: Sequence[dict], *, resume: bool = Fa
 def _apply_without_metrics(editor: Any, records: Sequence[dict], legacy: bool) -> None:
     import contextlib
 
+    from .editor import one_sequence
     from .legacy import legacy_compat
 
-    session = getattr(editor, "_prune_session", None)
     kwargs = edit_kwargs(records)
     requests = editor._prepare_requests(kwargs.pop("prompts"), kwargs.pop("target_new"), **kwargs)
     if hasattr(editor.hparams, "batch_size"):
         editor.hparams.batch_size = 1  # one request at a time, as edit() sets it
     compat = legacy_compat(editor._easyeditor) if legacy else contextlib.nullcontext()
-    if session is not None:
-        session.depth += 1  # one sequence: it ends (final restraint, last checkpoint) after the last request
-    try:
-        with compat:
-            for request in requests:
-                editor.apply_algo(editor.model, editor.tok, [request], editor.hparams, copy=False,
-                                  return_orig_weights=False, keep_original_weight=False)
-    finally:
-        if session is not None:
-            session.depth -= 1
-    if session is not None and session.depth == 0:
-        session.end()
+    with one_sequence(editor), compat:  # one sequence: it ends (final restraint, last checkpoint) after the last request
+        for request in requests:
+            editor.apply_algo(editor.model, editor.tok, [request], editor.hparams, copy=False,
+                              return_orig_weights=False, keep_original_weight=False)
