@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from .legacy import import_easyeditor, is_legacy_easyeditor
+from .records import edit_kwargs
 
 
 def easyeditor_module() -> Any:
@@ -51,24 +52,6 @@ def build_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> Any:
     editor = easyeditor.BaseEditor.from_hparams(hparams)
     editor.model_name = hparams.model_name = name
     return editor
-
-
-def edit_kwargs(records: Sequence[dict]) -> dict[str, Any]:
-    """BaseEditor.edit keyword arguments for CounterFact-form records."""
-    return {
-        "prompts": [r["prompt"] for r in records],
-        "target_new": [r["target_new"] for r in records],
-        "ground_truth": [r["ground_truth"] for r in records],
-        "rephrase_prompts": [r["rephrase_prompt"] for r in records],
-        "subject": [r["subject"] for r in records],
-        "locality_inputs": {"neighborhood": {"prompt": [r["locality_prompt"] for r in records],
-                                             "ground_truth": [r["locality_ground_truth"] for r in records]}},
-    }
-
-
-def request_of(record: dict) -> dict[str, Any]:
-    """The fields of EasyEdit's request for a CounterFact-form record that identify it (prompt, subject, target)."""
-    return {"prompt": record["prompt"], "subject": record["subject"], "target_new": record["target_new"]}
 
 
 def edit_sequentially(editor: Any, records: Sequence[dict], *, resume: bool = False, easyedit_metrics: bool = True,
