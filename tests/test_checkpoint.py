@@ -192,10 +192,10 @@ def test_a_run_killed_mid_sequence_resumes_to_the_same_weights_bit_for_bit(tmp_p
 
 @pytest.fixture(scope="module")
 def ee():
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed
 
-    module = legacy.import_easyeditor()
-    if not legacy.is_legacy_easyeditor(module):
+    module = installed.import_easyeditor()
+    if not installed.is_legacy_easyeditor(module):
         pytest.skip("drives the packaged 0.0.1.dev0")
     import prune_plugin.easyedit as pe
 

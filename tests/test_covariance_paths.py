@@ -106,9 +106,9 @@ def test_pmet_gets_one_file_per_rewritten_module(tmp_path):
 
 @requires_easyeditor
 def test_the_packaged_layer_stats_finds_them_for_a_model_loaded_from_a_path(tmp_path, monkeypatch):
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed
 
-    ee = legacy.import_easyeditor()
+    ee = installed.import_easyeditor()
     layer_stats = sys.modules["easyeditor.models.rome.layer_stats"]
     monkeypatch.setattr(layer_stats, "load_dataset", lambda *a, **k: pytest.fail("easyeditor asked the dataset hub"))
     model, tok = tiny_llama()

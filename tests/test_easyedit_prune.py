@@ -13,7 +13,7 @@ import yaml
 
 import prune_plugin.easyedit as pe
 from prune_plugin.config import PruneConfigError
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed, legacy
 from prune_plugin.easyedit.covariance import precompute_covariance
 from prune_plugin.plugins.telemetry import read_telemetry
 from prune_plugin.restraint import restrain_values
@@ -34,8 +34,8 @@ REQUESTS = dict(
 def ee():
     if pytest.importorskip("importlib.util").find_spec("easyeditor") is None:
         pytest.skip("easyeditor is not installed (pip install --no-deps easyeditor==0.0.1.dev0)")
-    module = legacy.import_easyeditor()
-    if not legacy.is_legacy_easyeditor(module):
+    module = installed.import_easyeditor()
+    if not installed.is_legacy_easyeditor(module):
         pytest.skip("these tests drive the packaged 0.0.1.dev0; see test_easyedit_current.py for the current EasyEdit")
     pe.activate(module)
     yield module
@@ -63,7 +63,7 @@ def run_edits(ee, path, arch="llama", n=3):
     """Fresh tiny model, seeded, edited sequentially with the YAML at `path`; returns (editor, W0 snapshot)."""
     torch.manual_seed(0)
     random.seed(0)
-    legacy.reset_easyeditor_caches(ee)
+    installed.reset_easyeditor_caches(ee)
     model, tok = tiny_model(arch)
     hparams = getattr(ee, f"{yaml.safe_load(path.read_text())['alg_name']}HyperParams").from_hparams(str(path))
     if hparams.alg_name == "MEMIT":

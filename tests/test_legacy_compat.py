@@ -1,5 +1,6 @@
 """The packaged EasyEdit (PyPI easyeditor 0.0.1.dev0) editing in-memory models on a CPU-only machine, through
-prune_plugin.easyedit.legacy (import, CUDA->CPU redirect, decoder tuples, editor) and .covariance (MEMIT statistics).
+prune_plugin.easyedit.installed (import, detection, hparams fit), .legacy (CUDA->CPU redirect, decoder tuples, editor)
+and .covariance (MEMIT statistics).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prune_plugin
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed, legacy
 from prune_plugin.easyedit.covariance import covariance_path, precompute_covariance
 from edit_fixtures import requires_easyeditor
 from tiny_models import CORPUS, tiny_gpt2, tiny_llama, train_tokenizer
@@ -62,8 +63,8 @@ EDITS = [
 def ee() -> types.ModuleType:
     if importlib.util.find_spec("easyeditor") is None:
         pytest.skip("easyeditor is not installed (pip install --no-deps easyeditor==0.0.1.dev0)")
-    module = legacy.import_easyeditor()
-    if not legacy.is_legacy_easyeditor(module):
+    module = installed.import_easyeditor()
+    if not installed.is_legacy_easyeditor(module):
         pytest.skip("the installed easyeditor is not the 0.0.1.dev0 release")
     return module
 
@@ -118,13 +119,13 @@ def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
 
 
 def test_the_packaged_release_is_recognised_as_legacy(ee):
-    assert legacy.installed_easyeditor_version() == "0.0.1.dev0"
-    assert legacy.is_legacy_easyeditor()
-    assert legacy.is_legacy_easyeditor(ee)
+    assert installed.installed_easyeditor_version() == "0.0.1.dev0"
+    assert installed.is_legacy_easyeditor()
+    assert installed.is_legacy_easyeditor(ee)
 
 
 def test_placeholders_serve_only_the_import_of_easyeditor(ee):
-    absent = [name for name in legacy.PLACEHOLDER_PACKAGES if importlib.util.find_spec(name) is None]
+    absent = [name for name in installed.PLACEHOLDER_PACKAGES if importlib.util.find_spec(name) is None]
     if not absent:
         pytest.skip("every package easyeditor imports is installed here: no placeholder was needed")
     for name in absent:
@@ -333,7 +334,7 @@ def test_a_release_with_sequential_edit_gets_no_compat():
 
     current = types.ModuleType("easyeditor_current")
     current.BaseEditor = BaseEditor
-    assert not legacy.is_legacy_easyeditor(current)
+    assert not installed.is_legacy_easyeditor(current)
     with legacy.legacy_compat(current) as active:
         assert not active
         with pytest.raises((AssertionError, RuntimeError)):
@@ -411,6 +412,6 @@ def test_the_shipped_smollm2_hparams_load_and_fit_its_architecture(ee, alg):
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     with torch.device("meta"):  # SmolLM2-135M's shapes, without its weights
         model = LlamaForCausalLM(config)
-    legacy.check_hparams_fit(model, hparams)
+    installed.check_hparams_fit(model, hparams)
     for layer in hparams.layers:
         assert model.get_submodule(hparams.rewrite_module_tmp.format(layer)).weight.shape == (576, 1536)

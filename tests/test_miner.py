@@ -75,12 +75,12 @@ def test_the_hard_subset_keeps_records_at_or_above_the_threshold_with_fresh_ids(
 
 @requires_easyeditor
 def test_the_editor_model_is_restored_bit_exactly_after_each_record(tmp_path, monkeypatch):
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed, legacy
     from prune_plugin.miner import mine_hard_cases
     from test_easyedit_prune import tiny_model, write_yaml
 
     monkeypatch.chdir(tmp_path)
-    ee = legacy.import_easyeditor()
+    ee = installed.import_easyeditor()
     model, tok = tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     path = write_yaml(tmp_path, "ROME")

@@ -346,9 +346,9 @@ def test_the_resume_block_runs_as_written(tmp_path, monkeypatch):
     from test_checkpoint import RECORDS, edit, rome_yaml
 
     import prune_plugin.easyedit as pe
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed
 
-    pe.activate(legacy.import_easyeditor())
+    pe.activate(installed.import_easyeditor())
     path = rome_yaml(tmp_path, prune_checkpoint_dir=str(tmp_path / "ckpt"), prune_checkpoint_at=[1, 2])
     edit(path, RECORDS[:1])  # the "interrupted" run: its checkpoint after edit 1 is on disk
     from prune_plugin.easyedit.driver import build_editor, load_hparams

@@ -48,7 +48,7 @@ def _max_positions(model: torch.nn.Module) -> int:
 def easyedit_generation(hparams: Any = None) -> Generation:
     """Which EasyEdit generation's conventions apply: that of the easyeditor package `hparams`' class comes from,
     else that of the installed easyeditor distribution, else "current"."""
-    from .legacy import installed_easyeditor_version, is_legacy_easyeditor
+    from .installed import installed_easyeditor_version, is_legacy_easyeditor
 
     package = sys.modules.get(type(hparams).__module__.partition(".")[0]) if hparams is not None else None
     if package is not None and hasattr(package, "BaseEditor"):

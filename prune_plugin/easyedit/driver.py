@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .legacy import import_easyeditor, is_legacy_easyeditor
+from .installed import import_easyeditor, is_legacy_easyeditor, reset_easyeditor_caches
 from .records import edit_kwargs
 
 
@@ -41,16 +41,24 @@ def hparams_class(easyeditor: Any, alg_name: str) -> type | None:
 
 
 def build_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> Any:
-    """A BaseEditor editing `model` in place (the plugin's session is attached if the hparams switch it on)."""
+    """A BaseEditor editing `model` in place (the plugin's session is attached if the hparams switch it on).
+
+    easyeditor's module-level caches (context templates, covariances) are reset, in either generation: they would
+    otherwise carry what the methods computed for another model. Build one editor per model and use it before
+    building the next. `hparams` is left as it was, also when building fails."""
     easyeditor = easyeditor_module()
     if is_legacy_easyeditor(easyeditor):
-        from .legacy import make_editor
+        from .legacy import make_editor  # resets the caches too
 
         return make_editor(hparams, model, tok)
     name = hparams.model_name
     hparams.model_name = (model, tok)  # the current BaseEditor takes an in-memory (model, tokenizer) pair
-    editor = easyeditor.BaseEditor.from_hparams(hparams)
-    editor.model_name = hparams.model_name = name
+    try:
+        editor = easyeditor.BaseEditor.from_hparams(hparams)
+    finally:
+        hparams.model_name = name
+    editor.model_name = name
+    reset_easyeditor_caches(easyeditor)
     return editor
 
 
@@ -83,13 +91,16 @@ def _apply_without_metrics(editor: Any, records: Sequence[dict], legacy: bool) -
     import contextlib
 
     from .editor import one_sequence
-    from .legacy import legacy_compat
 
     kwargs = edit_kwargs(records)
     requests = editor._prepare_requests(kwargs.pop("prompts"), kwargs.pop("target_new"), **kwargs)
     if hasattr(editor.hparams, "batch_size"):
         editor.hparams.batch_size = 1  # one request at a time, as edit() sets it
-    compat = legacy_compat(editor._easyeditor) if legacy else contextlib.nullcontext()
+    compat: Any = contextlib.nullcontext()
+    if legacy:
+        from .legacy import legacy_compat
+
+        compat = legacy_compat(editor._easyeditor)
     with one_sequence(editor), compat:  # one sequence: it ends (final restraint, last checkpoint) after the last request
         for request in requests:
             editor.apply_algo(editor.model, editor.tok, [request], editor.hparams, copy=False,

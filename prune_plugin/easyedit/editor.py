@@ -54,7 +54,9 @@ METHOD_STATE = {
     "SPHERE": [("models.SPHERE.SPHERE_main", "cache_c_new", False)],
 }
 
-_EDIT_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "normal_edit", "generate_edit")
+#: BaseEditor's edit entry points in either generation (each is wrapped where the class has it): the outermost call
+#: ends the sequence, and the 0.0.1.dev0 compat runs them inside its CPU redirect.
+EDIT_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "edit_dataset", "normal_edit", "generate_edit")
 
 
 @dataclass
@@ -231,7 +233,7 @@ def patch_editor_class(editor_cls: type, undo: list) -> None:
     __init__.__prune_plugin_patched__ = True  # type: ignore[attr-defined]
     undo.append((editor_cls, "__init__", init))
     editor_cls.__init__ = __init__
-    for name in _EDIT_ENTRY_POINTS:
+    for name in EDIT_ENTRY_POINTS:
         method = editor_cls.__dict__.get(name)
         if method is not None:
             undo.append((editor_cls, name, method))

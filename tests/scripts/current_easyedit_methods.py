@@ -19,10 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny
 import torch
 import yaml
 
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed
 
-easyeditor = legacy.import_easyeditor()
-assert not legacy.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
+easyeditor = installed.import_easyeditor()
+assert not installed.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
 
 import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.covariance import covariance_path, precompute_covariance

@@ -13,13 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny
 import torch
 import yaml
 
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed
 
 # The current EasyEdit imports multimodal and API packages at package import; none is used by ROME.
 for name in ("av", "qwen_vl_utils", "zhipuai", "rouge"):
-    legacy.PLACEHOLDER_PACKAGES.setdefault(name, "parts of the current EasyEdit that ROME does not use")
-easyeditor = legacy.import_easyeditor()
-assert not legacy.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
+    installed.PLACEHOLDER_PACKAGES.setdefault(name, "parts of the current EasyEdit that ROME does not use")
+easyeditor = installed.import_easyeditor()
+assert not installed.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
 
 import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.driver import build_editor

@@ -17,10 +17,10 @@ import yaml
 
 import prune_plugin.easyedit as pe
 from prune_plugin.config import PruneConfigError
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed, legacy
 from test_legacy_compat import ARCH, EDITS, METHOD, tiny_model
 
-ee = legacy.import_easyeditor()
+ee = installed.import_easyeditor()
 pe.activate(ee)
 TARGET = ARCH["llama"]["rewrite_module_tmp"].format(METHOD["ROME"]["layers"][0]) + ".weight"
 
