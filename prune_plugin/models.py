@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .switches import env_switch
+
 if TYPE_CHECKING:  # transformers is an optional extra ([model]); import it only where it is used
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -279,7 +281,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
     except OSError as error:
         if local:
             raise ModelError(f"could not load the model folder '{source}': {error}") from error
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        offline = env_switch("HF_HUB_OFFLINE", default=False)
         hint = ("the hub is disabled here (HF_HUB_OFFLINE is set)" if offline
                 else "it is not a local folder and could not be fetched from the hub")
         raise ModelError(f"could not load model '{source}': {hint}. Pass a local model folder, or no name for "

@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import sys
 from typing import Any, ContextManager
 
 from ..plugins import extra_config_keys, make_plugin_manager
+from ..switches import env_switch
 from ..session import EditSession
 from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
 from .hparams import patch_hparams_classes, prune_config_of
@@ -39,7 +39,7 @@ COMPAT_SWITCH = "PRUNE_PLUGIN_EASYEDIT_COMPAT"
 
 
 def _switched_off(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+    return not env_switch(name, default=True)
 
 
 def activate(easyeditor: Any = None) -> None:
