@@ -12,7 +12,7 @@ plugin share = (wrapped - ROME) / ROME, median over the edits after the first (t
 reported separately). A second arm adds the collapse guard (warn, 10 sentences), which is optional. Target: the
 restraint + telemetry share below 2 %.
 
-The ROME recipe is the main job's budget one (prune_plugin.mainjob.BUDGET_OVERRIDES), so the edit's own time is
+The ROME recipe is the main job's budget one (prune_plugin.experiment.BUDGET_OVERRIDES), so the edit's own time is
 the one a user of the main job sees. --smoke runs two edits on tests/tiny_models.py's tiny Llama instead.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _setup(smoke: bool, workdir: Path):
     import yaml
 
     from prune_plugin.datasets import load_edit_records
-    from prune_plugin.mainjob import BUDGET_OVERRIDES, shipped_hparams
+    from prune_plugin.experiment import BUDGET_OVERRIDES, shipped_hparams
     from prune_plugin.models import load_model
 
     if not smoke:

@@ -80,7 +80,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .mainjob import METHODS, JobOptions
+    from .experiment import METHODS, JobOptions
 
     d = JobOptions()
     parser = _Parser(prog="prune-plugin", description="PRUNE for sequential model editing: main job, miner, plots")
@@ -149,7 +149,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    from .mainjob import METHODS
+    from .experiment import METHODS
 
     if args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r} (choose {', '.join(METHODS)})")
@@ -211,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .mainjob import JobOptions, format_table, run_job
+    from .experiment import JobOptions, format_table, run_job
 
     options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
@@ -300,7 +300,7 @@ def _alpha_label(alpha) -> str:
 def _mine(args: argparse.Namespace) -> int:
     from .datasets import load_edit_records, load_reference_sentences, write_json
     from .easyedit.driver import build_editor, easyeditor_module, load_hparams
-    from .mainjob import prepare_statistics, shipped_hparams
+    from .experiment import prepare_statistics, shipped_hparams
     from .miner import hard_subset, mine_hard_cases
     from .models import load_model
     from .plugins.guard import guard_sample
