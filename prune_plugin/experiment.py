@@ -327,7 +327,8 @@ def _evaluate(model, tok, metadata, tasks: Iterable[str]) -> dict[str, float]:
     """Every numeric metric lm-eval reports for `tasks`, as {"task/metric,filter": value}."""
     from .lmeval import evaluate
 
-    # The paper scores sentences without BOS; SmolLM2's tokenizer would add one.
+    # The paper scores sentences without BOS. SmolLM2's tokenizer adds none (its add_bos_token is False); this
+    # keeps it so for a --model whose tokenizer would add one (Llama-style).
     raw = evaluate(model, tok, list(tasks), metadata=metadata, batch_size=10, bootstrap_iters=0,
                    model_kwargs={"add_bos_token": False})["results"]
     # NaN (prune_nli's acc_answered when no row answered True or False) is left out: it is no number to plot,
