@@ -42,7 +42,8 @@ def _setup(smoke: bool, workdir: Path):
     import yaml
 
     from prune_plugin.datasets import load_edit_records
-    from prune_plugin.experiment import BUDGET_OVERRIDES, shipped_hparams
+    from prune_plugin.easyedit.driver import shipped_hparams
+    from prune_plugin.experiment import BUDGET_OVERRIDES
     from prune_plugin.models import load_model
 
     if not smoke:

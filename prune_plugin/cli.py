@@ -299,8 +299,8 @@ def _alpha_label(alpha) -> str:
 
 def _mine(args: argparse.Namespace) -> int:
     from .datasets import load_edit_records, load_reference_sentences, write_json
-    from .easyedit.driver import build_editor, easyeditor_module, load_hparams
-    from .experiment import prepare_statistics, shipped_hparams
+    from .easyedit.covariance import prepare_statistics
+    from .easyedit.driver import build_editor, easyeditor_module, load_hparams, shipped_hparams
     from .miner import hard_subset, mine_hard_cases
     from .models import load_model
     from .plugins.guard import guard_sample

@@ -4,6 +4,8 @@ in the current EasyEdit)."""
 from __future__ import annotations
 
 import os
+from importlib import resources
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,6 +30,11 @@ def load_hparams(path: str | os.PathLike) -> Any:
     if cls is None:
         raise ValueError(f"{path}: alg_name {alg_name!r} is not an editing method of the installed easyeditor")
     return cls.from_hparams(os.fspath(path))
+
+
+def shipped_hparams(method: str) -> Path:
+    """The hparams YAML the plugin ships for `method` (ROME, MEMIT, FT) on the embedded SmolLM2-135M."""
+    return Path(str(resources.files("prune_plugin") / "hparams" / method / "smollm2-135m.yaml"))
 
 
 def hparams_class(easyeditor: Any, alg_name: str) -> type | None:
