@@ -13,13 +13,12 @@ reported separately). A second arm adds the collapse guard (warn, 10 sentences),
 restraint + telemetry share below 2 %.
 
 The ROME recipe is the main job's budget one (prune_plugin.experiment.BUDGET_OVERRIDES), so the edit's own time is
-the one a user of the main job sees. --smoke runs two edits on tests/tiny_models.py's tiny Llama instead.
+the one a user of the main job sees. --smoke runs two edits on prune_plugin.testing's tiny Llama instead.
 """
 from __future__ import annotations
 
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +50,7 @@ def _setup(smoke: bool, workdir: Path):
         base = yaml.safe_load(shipped_hparams("ROME").read_text())
         base.update(BUDGET_OVERRIDES["ROME"])
         return model, tok, base, load_edit_records(None)[:EDITS], "embedded SmolLM2-135M, layer 6 down_proj 576x1536"
-    sys.path.insert(0, str(ROOT / "tests"))
-    from edit_fixtures import tiny_model_folder_with_rome_yaml
+    from prune_plugin.testing import tiny_model_folder_with_rome_yaml
 
     folder, hparams = tiny_model_folder_with_rome_yaml(workdir)
     model, tok = load_model(folder)

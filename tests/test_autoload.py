@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import _prune_plugin_autoload as autoload
-from edit_fixtures import requires_easyeditor
-from lmeval_helpers import REPO
+from helpers.editing import requires_easyeditor
+from helpers.lmeval import REPO
 
 HEAVY = ("torch", "lm_eval", "prune_plugin", "transformers", "easyeditor")
 

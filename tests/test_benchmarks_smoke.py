@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edit_fixtures import requires_easyeditor
+from helpers.editing import requires_easyeditor
 from prune_plugin.originals import fingerprint
 from prune_plugin.restraint import restrain_delta, restrain_dense_reference, restrain_parameter
 from prune_plugin.spectrum import largest_singular_value

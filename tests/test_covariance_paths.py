@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from edit_fixtures import requires_easyeditor
+from helpers.editing import requires_easyeditor
 from prune_plugin.easyedit.covariance import covariance_path, easyedit_generation, precompute_covariance, stats_model_name
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 TEXTS = ["The river flows to the sea .", "Rome is the capital of Italy .", "A cat sat on the mat and a dog slept ."]
 

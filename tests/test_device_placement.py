@@ -33,7 +33,7 @@ from prune_plugin.config import PruneConfig
 from prune_plugin.originals import fingerprint
 from prune_plugin.plugins import edit_session
 from prune_plugin.session import EditSession
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 EMULATED_TYPE = "lazy"
 DEV0, DEV1 = torch.device(EMULATED_TYPE, 0), torch.device(EMULATED_TYPE, 1)

@@ -9,7 +9,7 @@ from prune_plugin.perplexity import mean_perplexity, sentence_perplexities
 from prune_plugin.plugins.guard import CollapseWarning, guard_sample
 from prune_plugin.plugins.telemetry import read_telemetry
 from prune_plugin.plugins import edit_session
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 TARGET = "lm_head.weight"  # after the final norm, an edit here reaches the logits undamped
 SENTENCES = [

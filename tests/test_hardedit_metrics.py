@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from lmeval_helpers import EDITS, bpe_tokenizer, llama_for
+from helpers.lmeval import EDITS, bpe_tokenizer, llama_for
 from prune_plugin import lmeval
 
 FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmeval_helpers import (
+from helpers.lmeval import (
     ME_PPL_DIR,
     SENTENCES,
     bpe_tokenizer,
@@ -20,7 +20,7 @@ from lmeval_helpers import (
 )
 from prune_plugin import lmeval
 from prune_plugin.datasets import COLLAPSE_PATH_ENV, HARDEDIT_PATH_ENV
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 
 from prune_plugin import models
 from prune_plugin.models import MARKER, ModelError, ModelSource, ensure_default_model, load_model
-from tiny_models import save_pretrained, tiny_llama
+from prune_plugin.testing import save_pretrained, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The edit session: W0 bookkeeping, PRUNE's two modes, the hook contract, telemetry, rollback and restoration."""
-import json
 import math
 
 import pluggy
@@ -13,7 +12,7 @@ from prune_plugin.restraint import restrain_dense_reference, restrain_values
 from prune_plugin.plugins import edit_session, make_plugin_manager
 from prune_plugin.session import EditSession
 from prune_plugin.spectrum import largest_singular_value
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 TARGET = "model.layers.1.mlp.down_proj.weight"
 

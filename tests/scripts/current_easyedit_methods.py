@@ -14,7 +14,6 @@ from pathlib import Path
 
 checkout, workdir, methods = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
 sys.path.insert(0, checkout)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
 import torch
 import yaml
@@ -28,7 +27,7 @@ import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.covariance import covariance_path, precompute_covariance
 from prune_plugin.easyedit.driver import build_editor, load_hparams
 from prune_plugin.hookspecs import hookimpl
-from tiny_models import CORPUS, tiny_llama
+from prune_plugin.testing import CORPUS, tiny_llama
 
 pe.activate(easyeditor)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 checkout, workdir = sys.argv[1], Path(sys.argv[2])
 sys.path.insert(0, checkout)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
 import torch
 import yaml
@@ -24,7 +23,7 @@ assert not installed.is_legacy_easyeditor(easyeditor), "expected a current EasyE
 import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.driver import build_editor
 from prune_plugin.restraint import restrain_values
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 config = dict(alg_name="ROME", model_name="tiny", device="cpu", layers=[1], fact_token="subject_last",
               v_num_grad_steps=10, v_lr=0.5, v_loss_layer=3, v_weight_decay=1e-3, clamp_norm_factor=20,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 workdir = Path(sys.argv[1])
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tiny models and method settings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.editing
 
 import torch
 import yaml
@@ -18,7 +18,8 @@ import yaml
 import prune_plugin.easyedit as pe
 from prune_plugin.config import PruneConfigError
 from prune_plugin.easyedit import installed, legacy
-from test_legacy_compat import ARCH, EDITS, METHOD, tiny_model
+from helpers.editing import EDITS
+from prune_plugin.testing import ARCH, METHOD, tiny_model
 
 ee = installed.import_easyeditor()
 pe.activate(ee)

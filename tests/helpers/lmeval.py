@@ -19,7 +19,7 @@ ME_PPL_DIR = REPO.parent / "shared" / "data" / "me-ppl"
 PTH_NAME = "prune_plugin_autoload.pth"
 
 # Records whose new targets never occur as a true answer, so a model biased toward the targets must win
-# every efficacy comparison and lose every locality comparison. Every word is in tiny_models.CORPUS.
+# every efficacy comparison and lose every locality comparison. Every word is in prune_plugin.testing.CORPUS.
 EDITS = [
     ("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris",
      "The Eiffel Tower is in", "The Louvre is a museum in", "Paris"),
