@@ -71,7 +71,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         out["kept_w0_bytes"] = session.originals.nbytes()
         out["kept_state_bytes"] = _small_state_bytes(session, "weight")
         out["kept_state"] = {"smax": "weight" in session.smax, "rank_hint": session.rank_hints.get("weight"),
-                             "fingerprint": "weight" in session._seen}
+                             "fingerprint": session.fingerprint_seen("weight") is not None}
     elif what == "fingerprint":
         measure(lambda: fingerprint(w))
     elif what == "smax":
@@ -106,7 +106,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
 def _small_state_bytes(session, name: str) -> int:
     """Bytes of the per-matrix bookkeeping besides W0: the smax float, the rank-hint int, the fingerprint tuple."""
-    parts = [session.smax._values.get(name), session.rank_hints.get(name), session._seen.get(name)]
+    parts = [session.smax.cached(name), session.rank_hints.get(name), session.fingerprint_seen(name)]
     total = 0
     for p in parts:
         if p is None:

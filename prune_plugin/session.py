@@ -160,6 +160,11 @@ class EditSession:
         """The index (from the start of the whole sequence) of the next edit."""
         return self.first_index + len(self.steps)
 
+    def fingerprint_seen(self, name: str) -> tuple[int, int] | None:
+        """The fingerprint of target `name` when the session last looked at it (after the last edit, restraint or
+        restore), or None before it began."""
+        return self._seen.get(name)
+
     def changed_since_last_look(self) -> list[str]:
         return [n for n in self.targets if fingerprint(get_parameter(self.model, n)) != self._seen.get(n)]
 

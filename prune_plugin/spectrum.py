@@ -145,6 +145,10 @@ class SmaxCache:
             self._values[name] = largest_singular_value(original)
         return self._values[name]
 
+    def cached(self, name: str) -> float | None:
+        """The value recorded for `name`, or None when it has not been computed yet."""
+        return self._values.get(name)
+
     def put(self, name: str, value: float) -> None:
         """Record a value already computed for this W0 (e.g. by a caller that timed the computation)."""
         self._values[name] = float(value)
@@ -165,3 +169,8 @@ class MatrixFigures(RestraintFigures):
     cond_before: float | None = None
     cond_after: float | None = None
     seconds: float = 0.0
+
+
+def takes_krylov_route(weight: torch.Tensor) -> bool:
+    """Whether largest_singular_value tries the certified Krylov estimate first for a matrix of this size."""
+    return weight.numel() >= _KRYLOV_MIN

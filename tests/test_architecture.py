@@ -168,3 +168,42 @@ def test_plugins_do_not_import_each_other(graph):
     plugin_modules = [m for m in graph if m.startswith(f"{PACKAGE}.{PLUGINS}.")]
     wrong = [f"{m} imports {t}" for m in plugin_modules for t in graph[m] if layer(t) == "plugins"]
     assert wrong == []
+
+
+def _imported_names(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import statement in the file, relative imports left out."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.append((node.module or "", [alias.name for alias in node.names]))
+    return found
+
+
+def test_test_modules_do_not_import_each_other():
+    """What they share lives in tests/helpers/ (importable) and tests/conftest.py (fixtures)."""
+    files = sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "tests" / "scripts").glob("*.py"))
+    wrong = [f"{path.name} imports {module}" for path in files for module, _ in _imported_names(path)
+             if module.split(".")[0].startswith("test_") or module.split(".")[0] == "conftest"]
+    assert wrong == []
+
+
+def test_benchmarks_import_nothing_from_tests_and_no_private_name_of_the_package():
+    test_modules = {p.stem for p in (REPO / "tests").glob("*.py")} | {"helpers"}
+    wrong = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if '"tests"' in text or "'tests'" in text:
+            wrong.append(f"{path.name} names the tests/ folder")
+        for module, names in _imported_names(path):
+            if module.split(".")[0] in test_modules:
+                wrong.append(f"{path.name} imports {module}")
+            if module.startswith(PACKAGE) and (any(part.startswith("_") for part in module.split("."))
+                                               or any(n.startswith("_") for n in names)):
+                wrong.append(f"{path.name} imports a private name of {module}: {names}")
+        for node in ast.walk(ast.parse(text)):  # session._seen, spectrum._KRYLOV_MIN, ...
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                wrong.append(f"{path.name}:{node.lineno} reads .{node.attr}")
+    assert wrong == []
