@@ -210,7 +210,6 @@ def wrap_apply_algo(apply_algo: Callable[..., Any], session: EditSession, sequen
             sequence.stopped = True
         return edited_model, weights_copy
 
-    apply_with_hooks.__prune_session__ = session  # type: ignore[attr-defined]
     return apply_with_hooks
 
 
