@@ -139,3 +139,40 @@ def test_a_current_easyedit_needs_nothing_of_legacy_py(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok without legacy.py" in done.stdout
+
+
+def test_once_a_step_asks_to_stop_the_wrapped_method_applies_no_further_request():
+    """The collapse guard's 'stop': the editor's sequence state (not the session) remembers it."""
+    import torch
+
+    from prune_plugin.config import PruneConfig
+    from prune_plugin.easyedit.editor import EditorSequence, wrap_apply_algo
+    from prune_plugin.hookspecs import hookimpl
+    from prune_plugin.plugins import make_plugin_manager
+    from prune_plugin.session import EditSession
+
+    class StopAfterFirst:
+        @hookimpl
+        def prune_after_edit(self, step):
+            step.stop = True
+
+    model = torch.nn.Linear(3, 2)
+    pm = make_plugin_manager(load_entry_points=False)
+    pm.register(StopAfterFirst())
+    session = EditSession(model, PruneConfig(), ["weight"], plugin_manager=pm)
+    applied = []
+
+    def apply_algo(model, tok, requests, hparams, **kwargs):
+        applied.append(requests[0]["prompt"])
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return model, {}
+
+    sequence = EditorSequence()
+    wrapped = wrap_apply_algo(apply_algo, session, sequence)
+    hparams = types.SimpleNamespace(alg_name="ROME")
+    wrapped(model, None, [{"prompt": "first"}], hparams)
+    after_first = model.weight.detach().clone()
+    assert sequence.stopped and applied == ["first"]
+    assert wrapped(model, None, [{"prompt": "second"}], hparams) == (model, {})
+    assert applied == ["first"] and torch.equal(model.weight, after_first)
