@@ -207,3 +207,12 @@ def test_benchmarks_import_nothing_from_tests_and_no_private_name_of_the_package
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 wrong.append(f"{path.name}:{node.lineno} reads .{node.attr}")
     assert wrong == []
+
+
+def test_the_architecture_doc_names_every_module_of_the_core_and_the_contract():
+    """docs/architecture.md draws the layers this test checks; a module moved between layers moves there too."""
+    doc = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    core_part, _, rest = doc.partition("- **contract**")
+    assert [m for m in sorted(CORE) if f"`{m}.py`" not in core_part] == []
+    assert [m for m in sorted(CONTRACT) if f"`{m}.py`" not in rest.partition("- **plugins**")[0]] == []
+    assert [m for m in sorted(CORE) if not (REPO / PACKAGE / f"{m}.py").exists()] == []

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/helpers/ -> the repository root
 ME_PPL_DIR = REPO.parent / "shared" / "data" / "me-ppl"
 PTH_NAME = "prune_plugin_autoload.pth"
 
