@@ -48,6 +48,7 @@ HEADLINE_METRICS: dict[str, tuple[tuple[str, str, str], ...]] = {
     ),
 }
 _WRAPPED_MARK = "_prune_plugin_entry_points"
+_OWN_INIT_MARK = "_prune_plugin_own_init"
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,8 @@ def register_entry_point_tasks(manager_cls: type | None = None) -> None:
         if hasattr(self, "include_path"):
             self.include_path = include_path
 
-    setattr(__init__, _WRAPPED_MARK, "own" if "__init__" in vars(TaskManager) else "inherited")
+    setattr(__init__, _WRAPPED_MARK, True)
+    setattr(__init__, _OWN_INIT_MARK, "__init__" in vars(TaskManager))  # what unregister_entry_point_tasks gives back
     TaskManager.__init__ = __init__
 
 
@@ -269,10 +271,9 @@ def unregister_entry_point_tasks(manager_cls: type | None = None) -> bool:
         from lm_eval.tasks.manager import TaskManager as manager_cls
 
     wrapped = vars(manager_cls).get("__init__")
-    how = getattr(wrapped, _WRAPPED_MARK, False)
-    if not how:
+    if not getattr(wrapped, _WRAPPED_MARK, False):
         return False
-    if how == "own":
+    if getattr(wrapped, _OWN_INIT_MARK, True):
         manager_cls.__init__ = wrapped.__wrapped__
     else:
         delattr(manager_cls, "__init__")
