@@ -78,11 +78,12 @@ def _recording_time(fn, into: list[float]):
 
 def _timed_editor(editor, session):
     """Re-wrap the editor's apply_algo so ROME alone and the whole wrapped call are timed separately."""
-    from prune_plugin.easyedit.editor import wrap_apply_algo
+    from prune_plugin.easyedit.editor import sequence_of, wrap_apply_algo
 
     rome = editor.apply_algo.__wrapped__  # the algorithm the plugin's wrapper calls (functools.wraps)
     own, whole = [], []
-    editor.apply_algo = _recording_time(wrap_apply_algo(_recording_time(rome, own), session), whole)
+    wrapped = wrap_apply_algo(_recording_time(rome, own), session, sequence_of(editor))
+    editor.apply_algo = _recording_time(wrapped, whole)
     return own, whole
 
 
