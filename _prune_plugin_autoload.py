@@ -32,8 +32,13 @@ PTH_NAME = "prune_plugin_autoload.pth"
 PTH_LINE = "import _prune_plugin_autoload\n"
 
 
+# The on/off words of prune_plugin.switches, which this module may not import (it runs before the package, in
+# processes that may never use it); tests/test_config.py checks that both read every value alike.
+OFF = ("0", "false", "no", "off")
+
+
 def enabled():
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in OFF
 
 
 def _warn(module_name, target, err):

@@ -93,8 +93,7 @@ def _online_cost(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.plugins.prune import restrain_matrices
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import largest_singular_value
 
     label, m, n = SMOKE_ONLINE_SHAPE if args.smoke else ONLINE_SHAPE
@@ -106,7 +105,7 @@ def _online_cost(args) -> dict[str, Any]:
     for r in counts:
         w = make_update(m, n, r, smax0, seed=r).add_(w0).to(torch.float32)
         model = one_matrix_model(w0)
-        session = EditSession(model, config, ["weight"])
+        session = edit_session(model, config, ["weight"])
         session.begin()
         session.smax.put("weight", smax0)
 
@@ -115,7 +114,7 @@ def _online_cost(args) -> dict[str, Any]:
                 model.weight.copy_(w)
             session.rank_hints["weight"] = r - 1  # what the previous edit of an online run found
 
-        per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=args.repeats, warmup=1,
+        per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=args.repeats, warmup=1,
                                   setup=setup)
         fig = figures["weight"]
         records.append({"edits": r, "rank": fig.rank, "path": fig.path, "per_edit_seconds": per_edit.median})

@@ -14,13 +14,12 @@ of the per-round ratios.
 Data: the official files when --prune-tasks-dir (or $PRUNE_TASKS_DIR, or ../shared/data/prune-tasks beside the
 repository) holds them, else the small shipped sets; the first --general-limit prompts of each subtask (default 16:
 the official counts, 1,067 prompts, take tens of minutes per leg on one CPU thread). Model: the embedded SmolLM2-135M
-(smoke: tests/tiny_models.py's tiny Llama on the shipped sets).
+(smoke: prune_plugin.testing's tiny Llama on the shipped sets).
 """
 from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -111,8 +110,7 @@ def lmeval_generations(model, tok, task: str, folder: Path | None, limit: int, b
 
 def build_model(smoke: bool):
     if smoke:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny_models import tiny_llama
+        from prune_plugin.testing import tiny_llama
 
         model, tok = tiny_llama()
         return model, tok, "tiny_llama (hidden 32, 4 layers)"

@@ -41,8 +41,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
     from prune_plugin.config import PruneConfig
     from prune_plugin.originals import fingerprint
-    from prune_plugin.plugins.prune import restrain_matrices
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import condition_number, largest_singular_value
 
     from .common import make_original, make_update, one_matrix_model
@@ -64,15 +63,15 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
     if what == "begin":
         model = one_matrix_model(w0)
-        session = EditSession(model, cfg, ["weight"])
+        session = edit_session(model, cfg, ["weight"])
         measure(session.begin)
         with torch.no_grad():
             model.weight.copy_(w)
-        restrain_matrices(session, ["weight"])  # the first edit fills the per-matrix state
+        session.restrain_matrices(["weight"])  # the first edit fills the per-matrix state
         out["kept_w0_bytes"] = session.originals.nbytes()
         out["kept_state_bytes"] = _small_state_bytes(session, "weight")
         out["kept_state"] = {"smax": "weight" in session.smax, "rank_hint": session.rank_hints.get("weight"),
-                             "fingerprint": "weight" in session._seen}
+                             "fingerprint": session.fingerprint_seen("weight") is not None}
     elif what == "fingerprint":
         measure(lambda: fingerprint(w))
     elif what == "smax":
@@ -81,14 +80,14 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
         measure(lambda: condition_number(w))
     elif what in ("restrain_matrices", "previous_path"):
         model = one_matrix_model(w0)
-        session = EditSession(model, cfg, ["weight"])
+        session = edit_session(model, cfg, ["weight"])
         session.begin()
         session.smax.put("weight", largest_singular_value(w0) if m * n < LARGE else NOMINAL_SMAX * 0.93)
         session.rank_hints["weight"] = rank  # the steady state of a sequence: the previous edit's rank is known
         with torch.no_grad():
             model.weight.copy_(w)
         if what == "restrain_matrices":
-            figures = measure(lambda: restrain_matrices(session, ["weight"]))
+            figures = measure(lambda: session.restrain_matrices(["weight"]))
             out["n_restrained"] = figures["weight"].n_restrained
         else:
             from .previous_path import previous_restrain_matrices
@@ -107,7 +106,7 @@ def probe(what: str, m: int, n: int, rank: int, dtype_name: str) -> dict[str, An
 
 def _small_state_bytes(session, name: str) -> int:
     """Bytes of the per-matrix bookkeeping besides W0: the smax float, the rank-hint int, the fingerprint tuple."""
-    parts = [session.smax._values.get(name), session.rank_hints.get(name), session._seen.get(name)]
+    parts = [session.smax.cached(name), session.rank_hints.get(name), session.fingerprint_seen(name)]
     total = 0
     for p in parts:
         if p is None:
@@ -174,7 +173,7 @@ def run(args) -> dict[str, Any]:
     notes += [
         f"peak = extra resident memory during one call (VmHWM reset before, read after; a fresh process per cell, except in --smoke); "
         f"(Nx) = multiple of the matrix's own size. dW of rank {rank}; per-edit state (smax cached, rank hint set).",
-        "restrain_matrices = the per-edit path of prune_plugin/plugins/prune.py (restraint.restrain_parameter: dW in "
+        "restrain_matrices = the per-edit path, EditSession.restrain_matrices (restraint.restrain_parameter: dW in "
         "one float64 buffer, W0 + U F V^T written back in row blocks); previous path = the one before commit 2496cd1 "
         "(benchmarks/previous_path.py: dense float64 dW, result and W0 copies); gain = previous / current peak.",
         "cond. number = one spectrum.condition_number call; restrain_matrices makes two per edit when telemetry "

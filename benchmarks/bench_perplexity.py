@@ -12,7 +12,7 @@ batched forward pass over the same sentences.
 Both scorers' perplexities are checked against the floor's logits (lm-eval's mean_ppl against the mean of the
 per-sentence values).
 
-Models: tests/tiny_models.py's tiny_llama (hidden 32, 4 layers), and a random Llama shaped like SmolLM2-135M's
+Models: prune_plugin.testing's tiny_llama (hidden 32, 4 layers), and a random Llama shaped like SmolLM2-135M's
 blocks cut to 6 layers (hidden 576, MLP 1536, 9 heads / 3 KV heads, vocabulary 49152), which is where the cost
 of a real probe sits. Sentences: prune_plugin/data/reference_corpus.json (the guard's default corpus), with a
 word-level tokenizer trained on it.
@@ -21,7 +21,6 @@ word-level tokenizer trained on it.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +40,7 @@ def build_models(smoke: bool, sentences: list[str]):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import tiny_llama, train_tokenizer
+    from prune_plugin.testing import tiny_llama, train_tokenizer
 
     words = sorted({w for s in sentences for w in s.split()})
     tok = train_tokenizer(words)

@@ -83,9 +83,8 @@ def run(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.plugins.prune import restrain_matrices
     from prune_plugin.restraint import restrain_dense_reference
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import largest_singular_value
 
     from .official import official_restrain
@@ -132,15 +131,15 @@ def run(args) -> dict[str, Any]:
             def fresh_session() -> None:
                 with torch.no_grad():
                     param.copy_(w0)
-                holder["s"] = EditSession(model, config, ["weight"])
+                holder["s"] = edit_session(model, config, ["weight"])
                 holder["s"].begin()
                 put_w()
 
-            first_timing, _ = adaptive(lambda: restrain_matrices(holder["s"], ["weight"]),
+            first_timing, _ = adaptive(lambda: holder["s"].restrain_matrices(["weight"]),
                                        repeats=repeats, budget=args.budget, setup=fresh_session, collect=big)
             session = holder["s"]
             # Per edit: smax cached, rank hint from the previous call.
-            per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]),
+            per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]),
                                       repeats=repeats, warmup=1, setup=put_w, collect=big)
             fig = figures["weight"]
             w_plugin = param.detach().clone()
@@ -148,15 +147,15 @@ def run(args) -> dict[str, Any]:
             # full-rank dW it is the dense float64 SVD, minutes at the largest shape: skipped there.
             today_timing = today_fig = w_today = None
             if not (large and r == min(m, n) and not args.full_rank_large):
-                today_session = EditSession(model, today, ["weight"])
+                today_session = edit_session(model, today, ["weight"])
                 with torch.no_grad():
                     param.copy_(w0)
                 today_session.begin()
                 today_session.smax.put("weight", smax0)
-                today_timing, today_figures = adaptive(lambda: restrain_matrices(today_session, ["weight"]),
+                today_timing, today_figures = adaptive(lambda: today_session.restrain_matrices(["weight"]),
                                                        repeats=repeats, budget=args.budget, setup=put_w, collect=big)
                 if len(today_timing.samples) > 1:  # the hinted steady state, as for the plugin
-                    today_timing, today_figures = timed(lambda: restrain_matrices(today_session, ["weight"]),
+                    today_timing, today_figures = timed(lambda: today_session.restrain_matrices(["weight"]),
                                                         repeats=repeats, warmup=0, setup=put_w, collect=big)
                 today_fig = today_figures["weight"]
                 w_today = param.detach().clone()

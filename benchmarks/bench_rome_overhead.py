@@ -12,14 +12,13 @@ plugin share = (wrapped - ROME) / ROME, median over the edits after the first (t
 reported separately). A second arm adds the collapse guard (warn, 10 sentences), which is optional. Target: the
 restraint + telemetry share below 2 %.
 
-The ROME recipe is the main job's budget one (prune_plugin.mainjob.BUDGET_OVERRIDES), so the edit's own time is
-the one a user of the main job sees. --smoke runs two edits on tests/tiny_models.py's tiny Llama instead.
+The ROME recipe is the main job's budget one (prune_plugin.experiment.BUDGET_OVERRIDES), so the edit's own time is
+the one a user of the main job sees. --smoke runs two edits on prune_plugin.testing's tiny Llama instead.
 """
 from __future__ import annotations
 
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,8 @@ def _setup(smoke: bool, workdir: Path):
     import yaml
 
     from prune_plugin.datasets import load_edit_records
-    from prune_plugin.mainjob import BUDGET_OVERRIDES, shipped_hparams
+    from prune_plugin.easyedit.driver import shipped_hparams
+    from prune_plugin.experiment import BUDGET_OVERRIDES
     from prune_plugin.models import load_model
 
     if not smoke:
@@ -50,8 +50,7 @@ def _setup(smoke: bool, workdir: Path):
         base = yaml.safe_load(shipped_hparams("ROME").read_text())
         base.update(BUDGET_OVERRIDES["ROME"])
         return model, tok, base, load_edit_records(None)[:EDITS], "embedded SmolLM2-135M, layer 6 down_proj 576x1536"
-    sys.path.insert(0, str(ROOT / "tests"))
-    from edit_fixtures import tiny_model_folder_with_rome_yaml
+    from prune_plugin.testing import tiny_model_folder_with_rome_yaml
 
     folder, hparams = tiny_model_folder_with_rome_yaml(workdir)
     model, tok = load_model(folder)
@@ -79,11 +78,12 @@ def _recording_time(fn, into: list[float]):
 
 def _timed_editor(editor, session):
     """Re-wrap the editor's apply_algo so ROME alone and the whole wrapped call are timed separately."""
-    from prune_plugin.easyedit.editor import wrap_apply_algo
+    from prune_plugin.easyedit.editor import sequence_of, wrap_apply_algo
 
     rome = editor.apply_algo.__wrapped__  # the algorithm the plugin's wrapper calls (functools.wraps)
     own, whole = [], []
-    editor.apply_algo = _recording_time(wrap_apply_algo(_recording_time(rome, own), session), whole)
+    wrapped = wrap_apply_algo(_recording_time(rome, own), session, sequence_of(editor))
+    editor.apply_algo = _recording_time(wrapped, whole)
     return own, whole
 
 

@@ -33,8 +33,7 @@ def run(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.config import PruneConfig
-    from prune_plugin.plugins.prune import restrain_matrices
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
     from prune_plugin.spectrum import largest_singular_value
 
     from .previous_path import previous_restrain_matrices
@@ -58,7 +57,7 @@ def run(args) -> dict[str, Any]:
     for r in counts:
         w = make_update(m, n, r, smax0, seed=r).add_(w0).to(torch.float32)
         model = one_matrix_model(w0)
-        session = EditSession(model, config, ["weight"])
+        session = edit_session(model, config, ["weight"])
         session.begin()
         session.smax.put("weight", smax0)  # cached, as after the first edit (computed once above, not per count)
         param = model.weight
@@ -68,10 +67,10 @@ def run(args) -> dict[str, Any]:
                 param.copy_(w)
             session.rank_hints["weight"] = hint
 
-        per_edit, figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,
+        per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=repeats, warmup=1,
                                   setup=lambda: setup(r - 1), collect=big)
         fig = figures["weight"]
-        cold, cold_figures = timed(lambda: restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,
+        cold, cold_figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=repeats, warmup=1,
                                    setup=lambda: setup(0), collect=big)
         cold_fig = cold_figures["weight"]
         previous, _ = timed(lambda: previous_restrain_matrices(session, ["weight"]), repeats=repeats, warmup=1,
@@ -125,13 +124,13 @@ def _online_sequence(args, m, n, w0, smax0, config) -> dict[str, Any]:
 
     import torch
 
-    from prune_plugin.session import EditSession
+    from prune_plugin.plugins import edit_session
 
     from .common import one_matrix_model
 
     edits = SMOKE_SEQUENCE_EDITS if args.smoke else SEQUENCE_EDITS
     model = one_matrix_model(w0)
-    session = EditSession(model, config, ["weight"])
+    session = edit_session(model, config, ["weight"])
     g = torch.Generator().manual_seed(123)
     totals, restraint, restrained = [], [], 0
     for i in range(edits):

@@ -40,7 +40,7 @@ def run(args) -> dict[str, Any]:
         w0 = make_original(m, n, seed=0)
         reps = 1 if large else args.repeats
         plugin, value = timed(lambda: largest_singular_value(w0), repeats=args.repeats, warmup=1)
-        krylov = w0.numel() >= spectrum._KRYLOV_MIN  # what largest_singular_value takes at this size
+        krylov = spectrum.takes_krylov_route(w0)  # what largest_singular_value takes at this size
         certified = krylov and certified_largest_singular_value(w0) is not None
         today, value_today = timed(lambda: largest_singular_value_dense(w0), repeats=reps, warmup=0 if large else 1)
         official = value_official = None

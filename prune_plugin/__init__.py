@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "restrain_delta": "restraint", "restrain_values": "restraint", "restrain_dense_reference": "restraint",
     "parse_alpha": "restraint", "OFFICIAL_BASES": "restraint",
-    "largest_singular_value": "spectrum", "condition_number": "spectrum",
+    "largest_singular_value": "spectrum", "condition_number": "spectrum", "MatrixFigures": "spectrum",
     "PruneConfig": "config", "PruneConfigError": "config", "load_yaml_config": "config",
-    "EditSession": "session", "EditStep": "session", "MatrixFigures": "session", "make_plugin_manager": "session",
+    "EditSession": "session", "EditStep": "session", "make_plugin_manager": "plugins", "edit_session": "plugins",
     "hookimpl": "hookspecs", "hookspec": "hookspecs",
     "mean_perplexity": "perplexity", "sentence_perplexities": "perplexity",
     "read_telemetry": "plugins.telemetry",

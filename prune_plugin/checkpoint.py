@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from .hashing import sha256_file
+
 LOG = logging.getLogger("prune_plugin")
 
 FORMAT = "prune-plugin-checkpoint"
@@ -99,14 +101,6 @@ def parse_schedule(value: Any) -> tuple[list[int], int | None]:
 def is_due(edits: int, counts: Sequence[int], interval: int | None) -> bool:
     """Whether a checkpoint is written after `edits` edits under the schedule."""
     return edits > 0 and (edits in counts or (interval is not None and edits % interval == 0))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

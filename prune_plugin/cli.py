@@ -80,7 +80,7 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .mainjob import METHODS, JobOptions
+    from .experiment import METHODS, JobOptions
 
     d = JobOptions()
     parser = _Parser(prog="prune-plugin", description="PRUNE for sequential model editing: main job, miner, plots")
@@ -149,7 +149,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    from .mainjob import METHODS
+    from .experiment import METHODS
 
     if args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r} (choose {', '.join(METHODS)})")
@@ -214,7 +214,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .mainjob import JobOptions, format_table, run_job
+    from .experiment import JobOptions, format_table, run_job
 
     options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
@@ -230,53 +230,32 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _restrain(args: argparse.Namespace) -> int:
-    from .branches import apply_checkpoint, restraint_summary
-    from .checkpoint import read_checkpoint, write_checkpoint
+    from .branches import restrain_checkpoint
 
-    checkpoint = read_checkpoint(args.checkpoint)
-    model, _ = _base_model(checkpoint, None)
-    for alpha in args.alpha:
-        session = apply_checkpoint(model, checkpoint, alpha)
-        label = _alpha_label(alpha)
-        for name, figures in restraint_summary(session.last_restraint).items():
-            print(f"a={label}  {name}: {figures['restrained']} of {figures['rank']} singular values restrained "
+    for done in restrain_checkpoint(args.checkpoint, args.alpha, args.out):
+        for name, figures in done["figures"].items():
+            print(f"a={done['alpha']}  {name}: {figures['restrained']} of {figures['rank']} singular values restrained "
                   f"(smax(dW) {figures['smax_delta']:.4g}, smax(W0) {figures['smax_original']:.4g})")
-        if args.out:
-            manifest = {**checkpoint.manifest, "restraint": {"alpha": label, "mode": "final", "from": str(checkpoint.path),
-                                                             "figures": restraint_summary(session.last_restraint)}}
-            for key in ("format", "version", "edits", "matrices", "files", "written"):
-                manifest.pop(key, None)
-            path = write_checkpoint(Path(args.out) / f"a={label}", checkpoint.edits,
-                                    {n: model.get_parameter(n) for n in session.targets}, manifest)
-            print(f"  written: {path}")
-        session.restore()
+        if done["written"] is not None:
+            print(f"  written: {done['written']}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from .branches import evaluate_branch, parse_branch
 
-    from .branches import checkpoint_branch
-    from .checkpoint import read_checkpoint
-    from .lmeval import evaluate
-
-    location, _, alpha_text = args.checkpoint.partition("@")
     try:
-        alpha = parse_alpha(alpha_text) if alpha_text else None
+        location, alpha = parse_branch(args.checkpoint)
     except ValueError as err:
-        raise UsageError(f"{args.checkpoint}: the part after @ {err}") from None
-    checkpoint = read_checkpoint(location)
-    model, tok = _base_model(checkpoint, args.model)
-    with checkpoint_branch(model, checkpoint, alpha):
-        raw = evaluate(model, tok, list(args.tasks), metadata=args.metadata or None, batch_size=10, bootstrap_iters=0,
-                       limit=args.limit, model_kwargs={"add_bos_token": False})
-    results = {"checkpoint": str(checkpoint.path), "edits": checkpoint.edits,
-               "alpha": _alpha_label(alpha) if alpha is not None else None, "tasks": list(args.tasks),
-               "results": raw["results"]}
-    for task, metrics in raw["results"].items():
+        raise UsageError(str(err)) from None
+    results = evaluate_branch(location, alpha, args.tasks, model=args.model, metadata=args.metadata or None,
+                              limit=args.limit)
+    for task, metrics in results["results"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float) and "_stderr" not in k)
         print(f"{task}: {shown}")
     if args.out:
+        import json
+
         from .datasets import write_json
 
         write_json(args.out, json.loads(json.dumps(results, default=str)))
@@ -284,45 +263,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base_model(checkpoint, override: str | None):
-    """The base model a checkpoint was written from (its W0 is checked when the checkpoint is applied)."""
-    from .models import default_model_dir, load_model
-
-    source = override or checkpoint.manifest["model"].get("source")
-    if source and Path(source).resolve() == default_model_dir().resolve():
-        source = None  # the embedded default: rebuilt from its GGUF if the cache was cleared
-    return load_model(source)
-
-
-def _alpha_label(alpha) -> str:
-    import math
-
-    return "e" if alpha == math.e else str(alpha)
-
-
 def _mine(args: argparse.Namespace) -> int:
-    from .datasets import load_edit_records, load_reference_sentences, write_json
-    from .easyedit.driver import build_editor, easyeditor_module, load_hparams
-    from .mainjob import prepare_statistics, shipped_hparams
-    from .miner import hard_subset, mine_hard_cases
-    from .models import load_model
-    from .plugins.guard import guard_sample
+    from .miner import mine_to_folder
 
-    easyeditor_module()
-    records = load_edit_records(args.data)[: args.limit]
-    model, tok = load_model(args.model)
-    hparams = load_hparams(args.hparams or shipped_hparams(args.method))
-    corpus = load_reference_sentences()
-    prepare_statistics(model, tok, hparams, corpus)  # MEMIT's covariance, as the main job does
-    editor = build_editor(hparams, model, tok)
-    sentences = guard_sample(corpus, args.sentences)
-    mined = mine_hard_cases(editor, records, sentences)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "ranked.json", mined)
-    hard = hard_subset(mined, args.threshold)
-    write_json(out / "hardedit.json", hard)
-    print(f"{len(hard)} of {len(mined)} records raised perplexity >= {args.threshold}x: {out / 'hardedit.json'}")
+    found = mine_to_folder(method=args.method, model=args.model, hparams=args.hparams, data=args.data,
+                           limit=args.limit, sentences=args.sentences, threshold=args.threshold, out=args.out)
+    mined, hard = found["mined"], found["hard"]
+    print(f"{len(hard)} of {len(mined)} records raised perplexity >= {args.threshold}x: {found['hard_path']}")
     for r in mined[:10]:
         print(f"  {r['ppl_ratio']:8.3f}x  {r['prompt']} -> {r['target_new']}")
     return 0

@@ -12,6 +12,12 @@ that the guard scores and telemetry records the restrained weights. A plugin tha
 any restraint sees it (a sparsifier such as RECT, examples/rect/) declares its `prune_after_edit` a pluggy
 wrapper (``@hookimpl(wrapper=True)``) and does its work before ``yield``: wrappers run around every ordinary
 implementation, whatever the registration order.
+
+Plugins never import each other (the built-ins neither): they meet through these hooks' arguments and the session,
+which offers what one plugin may need of another's work: ``session.restrain_matrices(names, write=False)`` measures
+what PRUNE would do without writing, ``session.measure_condition = True`` adds cond(W) before and after to every
+restraint's figures (telemetry sets it), ``session.rollback(step)`` undoes an edit. The plugin manager holding them
+is built by `prune_plugin.plugins.make_plugin_manager` and handed to the session by the integration.
 """
 from __future__ import annotations
 

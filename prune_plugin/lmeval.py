@@ -4,7 +4,7 @@
   results dict.
 * register_entry_point_tasks(): make lm-eval 0.4.x honour the `lm_eval.tasks` entry-point group (upstream's
   proposed task-plugin discovery), so installed plugins' task folders are found without --include_path.
-  _prune_plugin_autoload calls it the moment `lm_eval.tasks` is imported.
+  _prune_plugin_autoload calls it the moment `lm_eval.tasks` is imported; unregister_entry_point_tasks() undoes it.
 
 lm-eval is an optional dependency, so it is imported inside the functions only.
 """
@@ -49,6 +49,7 @@ HEADLINE_METRICS: dict[str, tuple[tuple[str, str, str], ...]] = {
     ),
 }
 _WRAPPED_MARK = "_prune_plugin_entry_points"
+_OWN_INIT_MARK = "_prune_plugin_own_init"
 
 log = logging.getLogger(__name__)
 
@@ -291,4 +292,22 @@ def register_entry_point_tasks(manager_cls: type | None = None) -> None:
             self.include_path = include_path
 
     setattr(__init__, _WRAPPED_MARK, True)
+    setattr(__init__, _OWN_INIT_MARK, "__init__" in vars(TaskManager))  # what unregister_entry_point_tasks gives back
     TaskManager.__init__ = __init__
+
+
+def unregister_entry_point_tasks(manager_cls: type | None = None) -> bool:
+    """Undo :func:`register_entry_point_tasks` on lm-eval's TaskManager (or `manager_cls`): its ``__init__`` is
+    the original again (or the inherited one, if the class had none of its own). Returns whether there was
+    anything to undo."""
+    if manager_cls is None:
+        from lm_eval.tasks.manager import TaskManager as manager_cls
+
+    wrapped = vars(manager_cls).get("__init__")
+    if not getattr(wrapped, _WRAPPED_MARK, False):
+        return False
+    if getattr(wrapped, _OWN_INIT_MARK, True):
+        manager_cls.__init__ = wrapped.__wrapped__
+    else:
+        delattr(manager_cls, "__init__")
+    return True

@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
+from .switches import parse_switch as parse_bool  # metadata flags: the package's one on/off parser
+
 _IN_MEMORY_PREFIX = "prune-plugin-in-memory-tokenizer:"
 _in_memory: dict[str, Any] = {}
 _counter = itertools.count()
@@ -80,17 +82,6 @@ def resolve_tokenizer(metadata: dict[str, Any],
     if metadata.get("subfolder"):
         kwargs["subfolder"] = metadata["subfolder"]
     return AutoTokenizer.from_pretrained(name, **kwargs)
-
-
-def parse_bool(value: Any) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean, got {value!r}")
 
 
 class _HFLMEncoding:

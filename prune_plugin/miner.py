@@ -3,6 +3,7 @@ moves the collapse perplexity, restore the weights bit-exactly, and rank the rec
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm import tqdm
@@ -56,3 +57,30 @@ def hard_subset(mined: Sequence[dict], threshold: float) -> list[dict]:
     return [{"case_id": i, **{k: r[k] for k in keep if k in r}} for i, r in
             enumerate(r for r in mined if r["ppl_ratio"] >= threshold)]
 
+
+def mine_to_folder(*, method: str = "ROME", model: str | None = None, hparams: str | None = None,
+                   data: str | None = None, limit: int | None = None, sentences: int = 20, threshold: float = 1.5,
+                   out: str = "mined") -> dict[str, Any]:
+    """``prune-plugin mine``: load the model and its EasyEdit hparams (the shipped YAML for `method` on the
+    embedded SmolLM2 by default), mine the first `limit` records of `data` (the shipped hard cases by default) on
+    `sentences` reference sentences, and write ``ranked.json`` (every record, hardest first) and
+    ``hardedit.json`` (those at `threshold` or more) into `out`. Returns the records and the paths written."""
+    from .datasets import load_edit_records, load_reference_sentences, write_json
+    from .easyedit.covariance import prepare_statistics
+    from .easyedit.driver import build_editor, easyeditor_module, load_hparams, shipped_hparams
+    from .models import load_model
+    from .plugins.guard import guard_sample
+
+    easyeditor_module()
+    records = load_edit_records(data)[:limit]
+    lm, tok = load_model(model)
+    loaded = load_hparams(hparams or shipped_hparams(method))
+    corpus = load_reference_sentences()
+    prepare_statistics(lm, tok, loaded, corpus)  # MEMIT's covariance, as the main job does
+    editor = build_editor(loaded, lm, tok)
+    mined = mine_hard_cases(editor, records, guard_sample(corpus, sentences))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    hard = hard_subset(mined, threshold)
+    return {"mined": mined, "hard": hard, "ranked_path": write_json(folder / "ranked.json", mined),
+            "hard_path": write_json(folder / "hardedit.json", hard)}

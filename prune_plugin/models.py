@@ -8,7 +8,6 @@ marker inside records every file's size and sha256, so a truncated, corrupted or
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -22,6 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .hashing import sha256_file
+from .switches import env_switch
 
 if TYPE_CHECKING:  # transformers is an optional extra ([model]); import it only where it is used
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -186,17 +188,9 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_marker(folder: Path, recipe: Mapping[str, Any]) -> None:
     files = {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER
     }
     if not files:
@@ -232,7 +226,7 @@ def _is_complete(folder: Path, recipe: Mapping[str, Any]) -> bool:
         path = folder / name
         try:
             # Size first: it catches truncation without reading hundreds of MB.
-            if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
                 return False
         except (OSError, KeyError, TypeError):
             return False
@@ -279,7 +273,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
     except OSError as error:
         if local:
             raise ModelError(f"could not load the model folder '{source}': {error}") from error
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        offline = env_switch("HF_HUB_OFFLINE", default=False)
         hint = ("the hub is disabled here (HF_HUB_OFFLINE is set)" if offline
                 else "it is not a local folder and could not be fetched from the hub")
         raise ModelError(f"could not load model '{source}': {hint}. Pass a local model folder, or no name for "

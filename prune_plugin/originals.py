@@ -61,11 +61,6 @@ def snapshot(model: torch.nn.Module, names: Iterable[str]) -> dict[str, torch.Te
     return {name: get_parameter(model, name).detach().clone() for name in names}
 
 
-def unchanged(model: torch.nn.Module, reference: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names whose parameter still equals the reference bit for bit."""
-    return [n for n, ref in reference.items() if torch.equal(get_parameter(model, n).detach().to(ref.device), ref)]
-
-
 #: Elements per chunk of the on-device checksum: bounds its int64 temporaries to a few tens of MiB.
 _CHUNK = 1 << 22
 

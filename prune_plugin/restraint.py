@@ -159,10 +159,6 @@ class Restraint(RestraintFigures):
     restrained_values: torch.Tensor  # F applied to them
     next_rank_hint: int = 0  # the rank_hint that sizes the next restraint of this matrix best
 
-    @property
-    def changed(self) -> bool:
-        return self.n_restrained > 0
-
 
 class Update(NamedTuple):
     """The restrained matrix as base + U diag(values) V^T, base = W (keeps_delta) or W0.

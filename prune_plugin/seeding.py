@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 
@@ -14,8 +15,4 @@ def seed_everything(seed: int) -> None:
     """Seed Python's, torch's (every device) and numpy's global generators."""
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    try:
-        import numpy as np
-    except ImportError:
-        return
     np.random.seed(seed % 2**32)

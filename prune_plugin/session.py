@@ -1,9 +1,11 @@
 """One editing sequence on one model: W0 bookkeeping, the hook calls, rollback and restoration.
 
 Framework-agnostic: the EasyEdit integration drives it (begin -> before_edit/after_edit per request -> end), and
-so can any other editing loop:
+so can any other editing loop. The caller hands it a plugin manager (prune_plugin.plugins builds one with the
+built-in plugins a config asks for); the session itself knows no plugin, only the hook contract:
 
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), targets=[...])
+    config = PruneConfig(prune=True, prune_mode="online")
+    session = EditSession(model, config, targets=[...], plugin_manager=make_plugin_manager(config))
     for request in requests:
         session.before_edit()
         my_editor.apply(model, request)
@@ -16,31 +18,24 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pluggy
 import torch
 
-from . import hookspecs
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
-from .restraint import RestraintFigures
+from .restraint import restrain_parameter
 from .seeding import seed_everything
-from .spectrum import SmaxCache
+from .spectrum import MatrixFigures, SmaxCache, condition_number
 
 LOG = logging.getLogger("prune_plugin")
 
 
-@dataclass
-class MatrixFigures(RestraintFigures):
-    """What telemetry reports for one edited matrix after one edit (condition numbers may be None: not computed)."""
-
-    name: str
-    restrained: bool
-    cond_before: float | None = None
-    cond_after: float | None = None
-    seconds: float = 0.0
+class PruneEnlargeWarning(UserWarning):
+    """F would have enlarged singular values (smax(W0) < 1/ln a); the never-enlarge guard kept them."""
 
 
 @dataclass
@@ -58,23 +53,6 @@ class EditStep:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A manager holding the hook contract, with third-party plugins from the ``prune_plugin`` entry points."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    if load_entry_points:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-    return pm
-
-
-def extra_config_keys(pm: pluggy.PluginManager) -> dict[str, Any]:
-    """The extra YAML keys registered plugins declare (prune_config_keys)."""
-    keys: dict[str, Any] = {}
-    for declared in pm.hook.prune_config_keys():
-        keys.update(declared or {})
-    return keys
-
-
 class EditSession:
     """Drives the hooks over one sequence of edits of `targets` (parameter names) in `model`."""
 
@@ -84,8 +62,8 @@ class EditSession:
         config: PruneConfig,
         targets: Sequence[str],
         *,
+        plugin_manager: pluggy.PluginManager,
         tokenizer: Any = None,
-        plugin_manager: pluggy.PluginManager | None = None,
     ) -> None:
         if not targets:
             raise ValueError("an edit session needs at least one target parameter name")
@@ -101,12 +79,15 @@ class EditSession:
         self.config = config
         self.targets = list(targets)
         self.tokenizer = tokenizer
-        self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager()
+        self.pm = plugin_manager  # built by the caller (prune_plugin.plugins.make_plugin_manager): the session imports no plugin
         self.originals = OriginalWeights("cpu" if config.prune_originals_device == "cpu" else None)
         self.smax = SmaxCache()
         self.steps: list[EditStep] = []
         self.rank_hints: dict[str, int] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
+        # Condition numbers cost a dense singular-value pass per matrix: measured only for a plugin that records
+        # them (telemetry switches this on)
+        self.measure_condition = False
         self._seen: dict[str, tuple[int, int]] = {}
         self._original_prints: dict[str, tuple[int, int]] = {}  # fingerprints of W0, taken on each weight's device
         self._pre_edit: dict[str, torch.Tensor] | None = None
@@ -115,7 +96,6 @@ class EditSession:
         self.stopped = False  # set when a step asked to stop: drivers apply no further edits
         self.depth = 0  # nesting of a driver's edit calls; the outermost one ends the sequence
         self.first_index = 0  # edits applied before this session (a run resumed from a checkpoint)
-        _register_builtins(self)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def begin(self) -> None:
@@ -180,6 +160,11 @@ class EditSession:
         """The index (from the start of the whole sequence) of the next edit."""
         return self.first_index + len(self.steps)
 
+    def fingerprint_seen(self, name: str) -> tuple[int, int] | None:
+        """The fingerprint of target `name` when the session last looked at it (after the last edit, restraint or
+        restore), or None before it began."""
+        return self._seen.get(name)
+
     def changed_since_last_look(self) -> list[str]:
         return [n for n in self.targets if fingerprint(get_parameter(self.model, n)) != self._seen.get(n)]
 
@@ -195,12 +180,49 @@ class EditSession:
                 changed.append(n)
         return changed
 
+    def restrain_matrices(self, names: Iterable[str], *, write: bool = True) -> dict[str, MatrixFigures]:
+        """Restrain dW = W - W0 of each named 2-D parameter (write=False only measures what PRUNE would do); the
+        condition numbers before and after are measured when `measure_condition` is set."""
+        cfg = self.config
+        figures: dict[str, MatrixFigures] = {}
+        for name in names:
+            param = get_parameter(self.model, name)
+            if param.ndim != 2:
+                continue  # biases and norms: no spectrum to restrain
+            t0 = time.perf_counter()
+            original = self.originals[name]  # may live on the CPU: restrain_parameter moves it block by block
+            with torch.no_grad():
+                if name not in self.smax:  # once per matrix, on the weight's device; reuse that copy below
+                    original = original.to(param.device)
+                smax0 = self.smax.get(name, original)
+                try:
+                    cond_before = condition_number(param) if self.measure_condition else None
+                    result, wrote = restrain_parameter(
+                        param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
+                        rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0), write=write,
+                    )
+                except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
+                    raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
+                                             "restrained (session.restore() gives back W0)") from None
+                self.rank_hints[name] = result.next_rank_hint
+                cond_after = (condition_number(param) if wrote else cond_before) if self.measure_condition else None
+            if result.n_guarded and write:
+                warnings.warn(
+                    f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "
+                    "kept them unchanged (prune_never_enlarge: false reproduces the official formula)",
+                    PruneEnlargeWarning, stacklevel=2,
+                )
+            figures[name] = MatrixFigures(**result.scalar_figures(), name=name, restrained=wrote, cond_before=cond_before,
+                                          cond_after=cond_after, seconds=time.perf_counter() - t0)
+            if wrote:
+                LOG.info("PRUNE %s: %d of %d singular values restrained (smax(dW) %.4g -> %.4g, smax(W0) %.4g)",
+                         name, result.n_restrained, result.rank, result.smax_delta, float(result.restrained_values.max()), smax0)
+        return figures
+
     def restrain_now(self) -> dict[str, MatrixFigures]:
         """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode."""
-        from .plugins.prune import restrain_matrices
-
         self.begin()
-        figures = restrain_matrices(self, self.changed_from_original())
+        figures = self.restrain_matrices(self.changed_from_original())
         self.last_restraint = figures
         self._seen.update({n: fingerprint(get_parameter(self.model, n)) for n in figures})
         return figures
@@ -219,11 +241,6 @@ class EditSession:
         self.originals.restore(self.model)
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
 
-    @property
-    def wants_condition(self) -> bool:
-        """Condition numbers cost a dense singular-value pass per matrix: only when telemetry records them."""
-        return self.config.prune_telemetry is not None and self.config.prune_telemetry_condition
-
     def timed(self, step: EditStep, what: str) -> "_Timer":
         return _Timer(step, what)
 
@@ -237,22 +254,3 @@ class _Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.step.seconds[self.what] = self.step.seconds.get(self.what, 0.0) + time.perf_counter() - self.t0
-
-
-def _register_builtins(session: EditSession) -> None:
-    from .plugins.prune import PruneRestraint
-    from .plugins.telemetry import Telemetry
-
-    cfg = session.config
-    wanted: dict[str, Any] = {}
-    if cfg.prune:
-        wanted["prune"] = PruneRestraint
-    if cfg.prune_guard != "off":
-        from .plugins.guard import CollapseGuard
-
-        wanted["collapse_guard"] = CollapseGuard
-    if cfg.prune_telemetry is not None:
-        wanted["telemetry"] = lambda: Telemetry(cfg.prune_telemetry)
-    for name, make in wanted.items():
-        if session.pm.get_plugin(name) is None:  # a manager shared between sessions keeps its plugins
-            session.pm.register(make(), name=name)

@@ -1,11 +1,13 @@
-"""Spectral figures of weight matrices: smax(W0) (computed once per matrix) and condition numbers."""
+"""Spectral figures of weight matrices: smax(W0) (computed once per matrix), condition numbers, and the figures
+reported per edited matrix."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .restraint import deflated_norm_bound
+from .restraint import RestraintFigures, deflated_norm_bound
 
 # Below this many elements a float64 singular-value pass is as cheap as anything else. Above it the Gram route is
 # 2-4x faster than svdvals at every size measured (576x1536: 60 ms against 200 ms; 2048x2048: 1.5 s against 6.7 s).
@@ -143,6 +145,10 @@ class SmaxCache:
             self._values[name] = largest_singular_value(original)
         return self._values[name]
 
+    def cached(self, name: str) -> float | None:
+        """The value recorded for `name`, or None when it has not been computed yet."""
+        return self._values.get(name)
+
     def put(self, name: str, value: float) -> None:
         """Record a value already computed for this W0 (e.g. by a caller that timed the computation)."""
         self._values[name] = float(value)
@@ -152,3 +158,19 @@ class SmaxCache:
 
     def clear(self) -> None:
         self._values.clear()
+
+
+@dataclass
+class MatrixFigures(RestraintFigures):
+    """What telemetry reports for one edited matrix after one edit (condition numbers may be None: not computed)."""
+
+    name: str
+    restrained: bool
+    cond_before: float | None = None
+    cond_after: float | None = None
+    seconds: float = 0.0
+
+
+def takes_krylov_route(weight: torch.Tensor) -> bool:
+    """Whether largest_singular_value tries the certified Krylov estimate first for a matrix of this size."""
+    return weight.numel() >= _KRYLOV_MIN

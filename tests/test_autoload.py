@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -16,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import _prune_plugin_autoload as autoload
-from edit_fixtures import requires_easyeditor
-from lmeval_helpers import REPO
+from helpers.editing import requires_easyeditor
+from helpers.lmeval import REPO
 
 HEAVY = ("torch", "lm_eval", "prune_plugin", "transformers", "easyeditor")
 
@@ -64,14 +63,25 @@ def test_importing_the_hook_loads_nothing_heavy_and_adds_one_finder():
     assert out.split() == ["[]", "1", "0"]
 
 
-def test_start_cost_is_under_5_ms(tmp_path):
-    """-X importtime, with bytecode cached as a normal install has it; best of five against machine noise."""
-    env = {"PYTHONPYCACHEPREFIX": str(tmp_path / "pyc"), "PYTHONDONTWRITEBYTECODE": ""}
-    costs = []
-    for _ in range(6):
-        err = python("import _prune_plugin_autoload", env=env, args=["-X", "importtime"]).stderr
-        costs.append(int(re.search(r"\|\s*(\d+)\s*\|\s*_prune_plugin_autoload\s*$", err, re.MULTILINE).group(1)))
-    assert min(costs[1:]) < 5000, f"import cost in microseconds: {costs}"
+def test_the_hook_imports_no_other_module_at_start():
+    """Why an interpreter with the hook installed starts as fast as one without: in Python's own import tree
+    (-X importtime) nothing hangs below _prune_plugin_autoload; it uses only os and sys, which are loaded
+    before it. (The microseconds themselves depend on the machine and are not asserted.)"""
+    err = python("import _prune_plugin_autoload", args=["-X", "importtime"]).stderr
+    entries = []  # (depth, module) in the order Python reports them: a module's imports come just before it
+    for line in err.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2 and not line.rstrip().endswith("| package"):
+            field = line.rsplit("|", 1)[1]
+            entries.append((len(field) - len(field.lstrip()), field.strip()))
+    names = [name for _, name in entries]
+    assert "_prune_plugin_autoload" in names, err
+    at = names.index("_prune_plugin_autoload")
+    below = []
+    for depth, name in reversed(entries[:at]):
+        if depth <= entries[at][0]:
+            break
+        below.append(name)
+    assert below == []
 
 
 def test_hook_runs_once_right_after_the_module_has_executed(fake_library):

@@ -1,5 +1,5 @@
-"""The benchmark suite's smoke mode runs end to end and its results agree (speed is not asserted here), plus the
-lean restraint path the benchmarks measure (restrain_parameter) against restrain_delta."""
+"""The benchmark suite's smoke mode runs end to end and its results agree (speed is not asserted here; the product
+code the benchmarks measure is tested in its own test files)."""
 import json
 import math
 import os
@@ -8,12 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from edit_fixtures import requires_easyeditor
-from prune_plugin.originals import fingerprint
-from prune_plugin.restraint import restrain_delta, restrain_dense_reference, restrain_parameter
-from prune_plugin.spectrum import largest_singular_value
+from helpers.editing import requires_easyeditor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +82,7 @@ def test_rome_overhead_times_real_rome_edits_with_and_without_the_guard(smoke):
     for r in records:
         # the wrapped call contains ROME: the plugin's extra time is what lies between them
         assert all(w >= o > 0 for w, o in zip(r["wrapped_seconds"], r["own_seconds"]))
-        assert 0 <= r["median_share"] < 10 and math.isfinite(r["max_share"])
+        assert r["median_share"] >= 0 and math.isfinite(r["max_share"])  # a share, not a speed: no bound asserted
     plain, guarded = records
     assert plain["part_shares"]["guard"] == 0 < guarded["part_shares"]["guard"]
 
@@ -98,66 +94,3 @@ def test_perplexity_scorers_include_lm_eval_and_agree_with_the_floor(smoke):
     for r in records:
         assert r["seconds"] > 0 and r["floor_seconds"] > 0
         assert r["max_rel_diff"] < 1e-4, r
-
-
-# -- the lean in-place restraint ---------------------------------------------------------------------------------
-def _case(m, n, rank, seed, dtype=torch.float32, strength=6.0):
-    g = torch.Generator().manual_seed(seed)
-    w0 = (torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)).to(dtype)
-    update = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
-    w = (w0.double() + strength * update / math.sqrt(rank)).to(dtype)
-    return w0, w
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape,rank", [((40, 300), 3), ((300, 40), 7), ((60, 50), 50)])
-def test_restrain_parameter_equals_w0_plus_restrain_delta(dtype, shape, rank):
-    w0, w = _case(*shape, rank, seed=rank, dtype=dtype)
-    smax0 = largest_singular_value(w0)
-    delta, info = restrain_delta(w.double() - w0.double(), smax0, 2.0, storage_dtype=dtype,
-                                 weight_norm=float(w.double().norm()), rank_hint=rank)
-    assert info.n_restrained > 0
-    expected = (w0.double() + delta).to(dtype)
-    weight = w.clone()
-    figures, wrote = restrain_parameter(weight, w0, smax0, 2.0, rank_hint=rank)
-    assert wrote and figures.rank == info.rank and figures.path == info.path
-    # Same factors; only float64 round-off of the blocked write-back differs, far below the storage precision.
-    scale = max(float(w0.abs().max()), float(w.abs().max()))
-    assert torch.allclose(weight.double(), expected.double(), rtol=0, atol=max(2 * torch.finfo(dtype).eps, 1e-13) * scale)
-    reference = w0.double() + restrain_dense_reference(w.double() - w0.double(), smax0, 2.0, never_enlarge=True,
-                                                       rank_rule="exact")
-    rounding = float((reference.to(dtype).double() - reference).norm())
-    assert float((weight.double() - reference).norm()) <= max(2 * rounding, 1e-12 * float(reference.norm()))
-
-
-def test_restrain_parameter_leaves_w_alone_when_nothing_reaches_smax_or_write_is_off():
-    w0, w = _case(30, 50, 2, seed=1, strength=0.01)
-    weight = w.clone()
-    figures, wrote = restrain_parameter(weight, w0, largest_singular_value(w0), math.e)
-    assert not wrote and figures.n_restrained == 0 and torch.equal(weight, w)
-    w0, w = _case(30, 50, 2, seed=1)
-    weight = w.clone()
-    figures, wrote = restrain_parameter(weight, w0, largest_singular_value(w0), math.e, write=False)
-    assert not wrote and figures.n_restrained > 0 and torch.equal(weight, w)
-
-
-def test_restrain_parameter_refuses_non_finite_edits_untouched():
-    w0, w = _case(20, 30, 1, seed=2)
-    w[3, 4] = float("inf")
-    weight = w.clone()
-    with pytest.raises(FloatingPointError):
-        restrain_parameter(weight, w0, largest_singular_value(w0), math.e)
-    assert torch.equal(weight, w)
-
-
-def test_fingerprint_sees_any_single_bit_and_ignores_copies():
-    w = torch.randn(64, 96)
-    base = fingerprint(w)
-    assert fingerprint(w.clone()) == base and fingerprint(w.t().contiguous().t()) == base
-    flipped = w.clone()
-    flipped.view(torch.int32)[10, 20] ^= 1
-    assert fingerprint(flipped) != base
-    swapped = w.clone()
-    swapped[0, 0], swapped[0, 1] = w[0, 1].item(), w[0, 0].item()
-    assert fingerprint(swapped) != base
-    assert fingerprint(w.bfloat16()) != fingerprint(w.bfloat16().clone().fill_(0))

@@ -12,29 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from edit_fixtures import requires_easyeditor
+from helpers.editing import RECORDS, edit, requires_easyeditor, rome_yaml
 from prune_plugin.checkpoint import (CheckpointError, CheckpointMismatchError, check_model, latest_checkpoint,
                                      list_checkpoints, model_identity, parse_schedule, read_checkpoint,
                                      write_checkpoint)
 from prune_plugin.config import PruneConfig, PruneConfigError
 
 SCRIPT = Path(__file__).parent / "scripts" / "checkpointed_rome.py"
-
-# CounterFact-form records whose words the tiny tokenizer knows (tests/tiny_models.py)
-RECORDS = [dict(case_id=i, prompt=p, subject=s, target_new=t, ground_truth=g, rephrase_prompt=p,
-                locality_prompt="Rome is the capital of", locality_ground_truth="Italy")
-           for i, (p, s, t, g) in enumerate([
-               ("Toyota is a company from", "Toyota", "Germany", "Japan"),
-               ("The Nile flows through", "The Nile", "Brazil", "Egypt"),
-               ("Tokyo is the capital of", "Tokyo", "Canada", "Japan"),
-               ("Mount Everest is in", "Mount Everest", "India", "Nepal"),
-               ("Apple was founded by", "Apple", "Bill Gates", "Steve Jobs"),
-               ("The Louvre is a museum in", "The Louvre", "Madrid", "Paris"),
-           ])]
-
 
 def a_model() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -191,44 +177,18 @@ def test_a_run_killed_mid_sequence_resumes_to_the_same_weights_bit_for_bit(tmp_p
 
 
 @pytest.fixture(scope="module")
-def ee():
-    from prune_plugin.easyedit import legacy
-
-    module = legacy.import_easyeditor()
-    if not legacy.is_legacy_easyeditor(module):
-        pytest.skip("drives the packaged 0.0.1.dev0")
+def ee(legacy_easyeditor):
     import prune_plugin.easyedit as pe
 
-    pe.activate(module)
-    return module
-
-
-def rome_yaml(folder: Path, **keys) -> Path:
-    from test_legacy_compat import ARCH, METHOD
-
-    templates = {k: v for k, v in ARCH["llama"].items() if k != "build"}
-    path = folder / f"rome-{len(list(folder.glob('rome-*.yaml')))}.yaml"
-    config = {"alg_name": "ROME", "model_name": "tiny", "device": 0, "stats_dir": str(folder / "stats"), **templates,
-              **METHOD["ROME"], **keys}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def edit(path: Path, records, *, resume: bool = False):
-    from prune_plugin.easyedit.driver import build_editor, edit_sequentially, load_hparams
-    from test_legacy_compat import tiny_model
-
-    model, tok = tiny_model("llama")
-    editor = build_editor(load_hparams(path), model, tok)
-    edit_sequentially(editor, records, resume=resume)
-    return model, editor
+    pe.activate(legacy_easyeditor)
+    return legacy_easyeditor
 
 
 @pytest.mark.slow
 @requires_easyeditor
 def test_restraining_a_checkpoint_equals_final_mode_with_that_base_for_every_base(ee, tmp_path, monkeypatch):
     from prune_plugin.branches import apply_checkpoint, checkpoint_branch
-    from test_legacy_compat import tiny_model
+    from prune_plugin.testing import tiny_model
 
     monkeypatch.chdir(tmp_path)
     records = RECORDS[:3]
@@ -255,7 +215,7 @@ def test_restraining_a_checkpoint_equals_final_mode_with_that_base_for_every_bas
 def test_resuming_with_other_hparams_requests_or_model_is_refused_naming_the_mismatch(ee, tmp_path, monkeypatch):
     from prune_plugin.easyedit.driver import build_editor, load_hparams
     from prune_plugin.easyedit.resume import resume
-    from test_legacy_compat import tiny_model
+    from prune_plugin.testing import tiny_model
 
     monkeypatch.chdir(tmp_path)
     ckpt = str(tmp_path / "ckpt")
@@ -290,7 +250,7 @@ def test_resuming_with_other_hparams_requests_or_model_is_refused_naming_the_mis
 @requires_easyeditor
 def test_skipping_easyedits_own_metrics_gives_the_same_weights_and_one_sequence(ee, tmp_path, monkeypatch):
     from prune_plugin.easyedit.driver import build_editor, edit_sequentially, load_hparams
-    from test_legacy_compat import tiny_model
+    from prune_plugin.testing import tiny_model
 
     monkeypatch.chdir(tmp_path)
     path = rome_yaml(tmp_path, prune=True, prune_alpha=1.2, prune_mode="final", prune_seed=1)

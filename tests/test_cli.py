@@ -7,7 +7,8 @@ import yaml
 
 from prune_plugin.cli import main
 from prune_plugin.plugins.telemetry import read_telemetry
-from edit_fixtures import requires_easyeditor, tiny_model_folder_with_rome_yaml
+from helpers.editing import requires_easyeditor
+from prune_plugin.testing import tiny_model_folder_with_rome_yaml
 
 
 def run_cli(capsys, *argv):

@@ -67,3 +67,28 @@ def test_invalid_yaml_names_the_file(tmp_path):
     path = write(tmp_path, "prune: [unclosed\n")
     with pytest.raises(PruneConfigError, match="rome.yaml: not valid YAML"):
         load_yaml_config(path)
+
+
+@pytest.mark.parametrize("value", [None, "", "1", "0", "true", "False", " off ", "NO", "yes", "On", "maybe"])
+def test_environment_switches_read_alike_in_the_package_and_the_start_up_hook(monkeypatch, value):
+    """prune_plugin.switches is the package's one on/off parser; the start-up hook, which may not import the
+    package, keeps the same words, and reads every value as the package does."""
+    import _prune_plugin_autoload as autoload
+
+    from prune_plugin.switches import env_switch
+
+    if value is None:
+        monkeypatch.delenv(autoload.ENV_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(autoload.ENV_SWITCH, value)
+    assert autoload.enabled() == env_switch(autoload.ENV_SWITCH, default=True)
+
+
+def test_an_environment_switch_is_its_default_unless_it_says_on_or_off(monkeypatch):
+    from prune_plugin.switches import env_switch
+
+    monkeypatch.delenv("PRUNE_TEST_SWITCH", raising=False)
+    assert env_switch("PRUNE_TEST_SWITCH", default=True) and not env_switch("PRUNE_TEST_SWITCH", default=False)
+    for value, expected in (("0", False), ("off", False), ("1", True), ("YES", True), ("maybe", True)):
+        monkeypatch.setenv("PRUNE_TEST_SWITCH", value)
+        assert env_switch("PRUNE_TEST_SWITCH", default=True) is expected

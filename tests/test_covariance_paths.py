@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from edit_fixtures import requires_easyeditor
+from helpers.editing import requires_easyeditor
 from prune_plugin.easyedit.covariance import covariance_path, easyedit_generation, precompute_covariance, stats_model_name
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 TEXTS = ["The river flows to the sea .", "Rome is the capital of Italy .", "A cat sat on the mat and a dog slept ."]
 
@@ -106,9 +106,9 @@ def test_pmet_gets_one_file_per_rewritten_module(tmp_path):
 
 @requires_easyeditor
 def test_the_packaged_layer_stats_finds_them_for_a_model_loaded_from_a_path(tmp_path, monkeypatch):
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed
 
-    ee = legacy.import_easyeditor()
+    ee = installed.import_easyeditor()
     layer_stats = sys.modules["easyeditor.models.rome.layer_stats"]
     monkeypatch.setattr(layer_stats, "load_dataset", lambda *a, **k: pytest.fail("easyeditor asked the dataset hub"))
     model, tok = tiny_llama()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmeval_helpers import ME_PPL_DIR, write_edit_records
+from helpers.lmeval import ME_PPL_DIR, write_edit_records
 from prune_plugin.datasets import (
     COLLAPSE_PATH_ENV,
     EDIT_FIELDS,

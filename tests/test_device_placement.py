@@ -31,8 +31,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from prune_plugin.config import PruneConfig
 from prune_plugin.originals import fingerprint
+from prune_plugin.plugins import edit_session
 from prune_plugin.session import EditSession
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 EMULATED_TYPE = "lazy"
 DEV0, DEV1 = torch.device(EMULATED_TYPE, 0), torch.device(EMULATED_TYPE, 1)
@@ -220,7 +221,7 @@ def edit_sequence(model, session: EditSession, steps: int = 3, log: EmulatedDevi
 
 
 def run(model, **config) -> tuple[EditSession, EmulatedDevices]:
-    session = EditSession(model, PruneConfig(prune=True, **config), TARGETS)
+    session = edit_session(model, PruneConfig(prune=True, **config), TARGETS)
     log = EmulatedDevices()
     edit_sequence(model, session, log=log)
     return session, log
@@ -274,7 +275,7 @@ def test_the_emulated_devices_refuse_mixed_operations_and_record_what_crosses():
 @pytest.mark.parametrize("mode", ["online", "final"])
 def test_a_sharded_model_is_restrained_exactly_as_on_one_device(mode, originals, generator_requests):
     reference, _ = tiny_llama()
-    ref_session = EditSession(reference, PruneConfig(prune=True, prune_mode=mode), TARGETS)
+    ref_session = edit_session(reference, PruneConfig(prune=True, prune_mode=mode), TARGETS)
     edit_sequence(reference, ref_session)
 
     sharded = place(tiny_llama()[0], SHARDED)
@@ -334,7 +335,7 @@ def test_finding_the_matrices_an_edit_changed_moves_w0_only_to_confirm_an_unchan
     """The final restraint first asks which targets differ from W0: a fingerprint that changed settles it on the
     weight's device; only a matrix whose fingerprint still matches W0's is compared with W0 bit for bit."""
     model = place(tiny_llama()[0], {DOWN: DEV0, UP: DEV1, O_PROJ: DEV0})
-    session = EditSession(model, PruneConfig(prune=True, prune_originals_device="cpu"), TARGETS)
+    session = edit_session(model, PruneConfig(prune=True, prune_originals_device="cpu"), TARGETS)
     with EmulatedDevices():
         session.begin()
     edit(model, DOWN, seed=1)
@@ -377,7 +378,7 @@ def test_half_precision_weights_are_restrained_in_float64_written_back_in_their_
         dtype, originals, generator_requests):
     reference = tiny_llama()[0].to(dtype)
     w0 = {n: reference.get_parameter(n).detach().clone() for n in TARGETS}
-    edit_sequence(reference, EditSession(reference, PruneConfig(prune=True, prune_mode="online"), TARGETS))
+    edit_sequence(reference, edit_session(reference, PruneConfig(prune=True, prune_mode="online"), TARGETS))
 
     model = place(tiny_llama()[0].to(dtype), SHARDED)
     session, log = run(model, prune_mode="online", prune_originals_device=originals)
@@ -428,5 +429,5 @@ def test_a_parameter_offloaded_by_accelerate_is_refused_with_the_reason(tmp_path
     model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path))
     assert model.get_parameter(DOWN).is_meta
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*offload"):
-        EditSession(model, PruneConfig(prune=True), [DOWN])
-    EditSession(model, PruneConfig(prune=True), [UP])  # a resident layer of the same model is fine
+        edit_session(model, PruneConfig(prune=True), [DOWN])
+    edit_session(model, PruneConfig(prune=True), [UP])  # a resident layer of the same model is fine

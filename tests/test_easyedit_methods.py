@@ -17,7 +17,7 @@ from prune_plugin.easyedit.editor import (
     forget_method_state,
     target_parameters,
 )
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 # The in-place methods of the current EasyEdit's ALG_DICT (zjunlp/EasyEdit 14cea82).
 IN_PLACE = ["ROME", "R-ROME", "MEMIT", "MEMIT-FE", "PMET", "EMMET", "EAMET", "AlphaEdit", "SPHERE", "CORE", "FT",

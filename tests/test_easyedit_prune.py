@@ -4,7 +4,6 @@ Each run edits a tiny model sequentially with real ROME, MEMIT or FT through Bas
 """
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -13,12 +12,12 @@ import yaml
 
 import prune_plugin.easyedit as pe
 from prune_plugin.config import PruneConfigError
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed, legacy
 from prune_plugin.easyedit.covariance import precompute_covariance
 from prune_plugin.plugins.telemetry import read_telemetry
 from prune_plugin.restraint import restrain_values
-from edit_fixtures import requires_easyeditor
-from test_legacy_compat import ARCH, METHOD, changed, sentences, snapshot, tiny_model
+from helpers.editing import changed, requires_easyeditor, sentences, snapshot, write_yaml
+from prune_plugin.testing import tiny_model
 
 pytestmark = [pytest.mark.slow, requires_easyeditor]
 
@@ -31,39 +30,17 @@ REQUESTS = dict(
 
 
 @pytest.fixture(scope="module")
-def ee():
-    if pytest.importorskip("importlib.util").find_spec("easyeditor") is None:
-        pytest.skip("easyeditor is not installed (pip install --no-deps easyeditor==0.0.1.dev0)")
-    module = legacy.import_easyeditor()
-    if not legacy.is_legacy_easyeditor(module):
-        pytest.skip("these tests drive the packaged 0.0.1.dev0; see test_easyedit_current.py for the current EasyEdit")
-    pe.activate(module)
-    yield module
+def ee(legacy_easyeditor):
+    pe.activate(legacy_easyeditor)
+    yield legacy_easyeditor
     pe.deactivate()
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # BaseEditor writes logs/run.log into the working directory
-    return tmp_path
-
-
-def write_yaml(folder, alg, arch="llama", **keys):
-    templates = {k: v for k, v in ARCH[arch].items() if k != "build"}
-    config = dict(alg_name=alg, model_name="tiny", device=0, **templates, **METHOD[alg])
-    if alg != "FT":
-        config["stats_dir"] = str(folder / "stats")
-    config.update(keys)
-    path = folder / f"{alg}-{arch}-{len(keys)}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def run_edits(ee, path, arch="llama", n=3):
     """Fresh tiny model, seeded, edited sequentially with the YAML at `path`; returns (editor, W0 snapshot)."""
     torch.manual_seed(0)
     random.seed(0)
-    legacy.reset_easyeditor_caches(ee)
+    installed.reset_easyeditor_caches(ee)
     model, tok = tiny_model(arch)
     hparams = getattr(ee, f"{yaml.safe_load(path.read_text())['alg_name']}HyperParams").from_hparams(str(path))
     if hparams.alg_name == "MEMIT":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edit_fixtures import requires_easyeditor
+from helpers.editing import requires_easyeditor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rect"
 SCRIPT = Path(__file__).parent / "scripts" / "rect_beside_prune.py"

@@ -8,8 +8,8 @@ from prune_plugin.config import PruneConfig
 from prune_plugin.perplexity import mean_perplexity, sentence_perplexities
 from prune_plugin.plugins.guard import CollapseWarning, guard_sample
 from prune_plugin.plugins.telemetry import read_telemetry
-from prune_plugin.session import EditSession
-from tiny_models import tiny_llama
+from prune_plugin.plugins import edit_session
+from prune_plugin.testing import tiny_llama
 
 TARGET = "lm_head.weight"  # after the final norm, an edit here reaches the logits undamped
 SENTENCES = [
@@ -51,7 +51,7 @@ def harmless_edit(model):
 def guarded_session(lm, corpus, action, factor=1.5, **extra):
     model, tok = lm
     config = PruneConfig(prune_guard=action, prune_guard_factor=factor, prune_guard_corpus=str(corpus), **extra)
-    return EditSession(model, config, [TARGET], tokenizer=tok)
+    return edit_session(model, config, [TARGET], tokenizer=tok)
 
 
 def test_perplexity_is_the_papers_mean_of_per_sentence_values(lm):
@@ -138,6 +138,6 @@ def test_every_decision_is_logged_with_its_numbers_in_telemetry(lm, corpus, tmp_
 
 def test_the_guard_needs_the_tokenizer(lm, corpus):
     model, _ = lm
-    session = EditSession(model, PruneConfig(prune_guard="warn", prune_guard_corpus=str(corpus)), [TARGET])
+    session = edit_session(model, PruneConfig(prune_guard="warn", prune_guard_corpus=str(corpus)), [TARGET])
     with pytest.raises(ValueError, match="tokenizer"):
         session.begin()

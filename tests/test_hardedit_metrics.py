@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from lmeval_helpers import EDITS, bpe_tokenizer, llama_for
+from helpers.lmeval import EDITS, bpe_tokenizer, llama_for
 from prune_plugin import lmeval
 
 FIELDS = ("prompt", "subject", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
@@ -111,9 +111,9 @@ def test_acc_total_and_acc_norm_compare_total_and_per_character_log_likelihoods(
 def easyedit_evaluate() -> types.ModuleType:
     if importlib.util.find_spec("easyeditor") is None:
         pytest.skip("easyeditor is not installed (pip install --no-deps easyeditor==0.0.1.dev0)")
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed
 
-    legacy.import_easyeditor()
+    installed.import_easyeditor()
     return importlib.import_module("easyeditor.evaluate.evaluate")
 
 

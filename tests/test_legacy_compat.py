@@ -1,11 +1,11 @@
 """The packaged EasyEdit (PyPI easyeditor 0.0.1.dev0) editing in-memory models on a CPU-only machine, through
-prune_plugin.easyedit.legacy (import, CUDA->CPU redirect, decoder tuples, editor) and .covariance (MEMIT statistics).
+prune_plugin.easyedit.installed (import, detection, hparams fit), .legacy (CUDA->CPU redirect, decoder tuples, editor)
+and .covariance (MEMIT statistics).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import random
 import sys
 import types
 from pathlib import Path
@@ -17,71 +17,17 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prune_plugin
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed, legacy
 from prune_plugin.easyedit.covariance import covariance_path, precompute_covariance
-from edit_fixtures import requires_easyeditor
-from tiny_models import CORPUS, tiny_gpt2, tiny_llama, train_tokenizer
+from helpers.editing import EDITS, changed, requires_easyeditor, sentences, snapshot
+from prune_plugin.testing import ARCH, METHOD, tiny_gpt2, tiny_llama, tiny_model, train_tokenizer
 
 pytestmark = requires_easyeditor
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens where CUDA is missing")
 
-# Where each tiny architecture keeps what the methods name in their hparams.
-ARCH = {
-    "llama": dict(build=tiny_llama, rewrite_module_tmp="model.layers.{}.mlp.down_proj", layer_module_tmp="model.layers.{}",
-                  mlp_module_tmp="model.layers.{}.mlp", attn_module_tmp="model.layers.{}.self_attn",
-                  ln_f_module="model.norm", lm_head_module="lm_head"),
-    "gpt2": dict(build=tiny_gpt2, rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",
-                 mlp_module_tmp="transformer.h.{}.mlp", attn_module_tmp="transformer.h.{}.attn",
-                 ln_f_module="transformer.ln_f", lm_head_module="transformer.wte"),  # GPT-2's head is tied to wte
-}
-
-# Small but real settings: few optimisation steps, few context templates. The clamp is loose because a random
-# model's hidden states are tiny, and ROME/MEMIT bound the new value by a multiple of the old one's norm.
-METHOD = {
-    "ROME": dict(layers=[1], fact_token="subject_last", v_num_grad_steps=10, v_lr=0.5, v_loss_layer=3,
-                 v_weight_decay=1e-3, clamp_norm_factor=20, kl_factor=0.0625, mom2_adjustment=False,
-                 context_template_length_params=[[4, 5]], mom2_dataset="wikipedia", mom2_n_samples=100,
-                 mom2_dtype="float32"),
-    "MEMIT": dict(layers=[1, 2], layer_selection="all", fact_token="subject_last", v_num_grad_steps=10, v_lr=0.5,
-                  v_loss_layer=3, v_weight_decay=1e-3, clamp_norm_factor=20, kl_factor=0.0625, mom2_adjustment=True,
-                  mom2_update_weight=100, mom2_dataset="wikipedia", mom2_n_samples=100, mom2_dtype="float32"),
-    "FT": dict(layers=[1], num_steps=10, lr=5e-3, weight_decay=0, kl_factor=0, norm_constraint=False, batch_size=1),
-}
-
-# Each prompt ends with its subject: attention in a random 4-layer model mixes positions almost uniformly, so an
-# edit at a subject token far from the end would barely reach the prediction.
-EDITS = [
-    dict(prompts=["The mother tongue of Danielle Darrieux"], subject=["Danielle Darrieux"], target_new=["English"],
-         ground_truth=["French"]),
-    dict(prompts=["The official language of Brazil"], subject=["Brazil"], target_new=["Japanese"],
-         ground_truth=["Portuguese"]),
-]
-
-
 @pytest.fixture(scope="module")
-def ee() -> types.ModuleType:
-    if importlib.util.find_spec("easyeditor") is None:
-        pytest.skip("easyeditor is not installed (pip install --no-deps easyeditor==0.0.1.dev0)")
-    module = legacy.import_easyeditor()
-    if not legacy.is_legacy_easyeditor(module):
-        pytest.skip("the installed easyeditor is not the 0.0.1.dev0 release")
-    return module
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)  # BaseEditor writes logs/run.log into the working directory
-    return tmp_path
-
-
-def tiny_model(arch: str) -> tuple[torch.nn.Module, object]:
-    model, tok = ARCH[arch]["build"]()
-    model.config._name_or_path = f"tiny-{arch}"  # easyeditor names covariance files after it
-    # A random model's logits are flat (all within about +-1), so no edit could make a token likely; scaling the
-    # final norm gives them the range of a trained model's (and leaves GPT-2's tied input embeddings alone).
-    with torch.no_grad():
-        model.get_submodule(ARCH[arch]["ln_f_module"]).weight.mul_(30)
-    return model, tok
+def ee(legacy_easyeditor: types.ModuleType) -> types.ModuleType:
+    return legacy_easyeditor
 
 
 def load_hparams(ee: types.ModuleType, folder: Path, alg: str, arch: str, **overrides: object) -> object:
@@ -94,11 +40,6 @@ def load_hparams(ee: types.ModuleType, folder: Path, alg: str, arch: str, **over
     return getattr(ee, f"{alg}HyperParams").from_hparams(str(path))
 
 
-def sentences(n: int = 60, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(CORPUS) for _ in range(rng.randint(4, 14))) for _ in range(n)]
-
-
 def target_probability(model: torch.nn.Module, tok: object, edit: dict) -> float:
     ids = tok(edit["prompts"][0], return_tensors="pt")["input_ids"]
     target = tok(edit["target_new"][0])["input_ids"][0]
@@ -106,25 +47,17 @@ def target_probability(model: torch.nn.Module, tok: object, edit: dict) -> float
         return model(ids).logits[0, -1].softmax(-1)[target].item()
 
 
-def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
-    return {name for name in a if not torch.equal(a[name], b[name])}
-
-
 # --------------------------------------------------------------------------------------------- import
 
 
 def test_the_packaged_release_is_recognised_as_legacy(ee):
-    assert legacy.installed_easyeditor_version() == "0.0.1.dev0"
-    assert legacy.is_legacy_easyeditor()
-    assert legacy.is_legacy_easyeditor(ee)
+    assert installed.installed_easyeditor_version() == "0.0.1.dev0"
+    assert installed.is_legacy_easyeditor()
+    assert installed.is_legacy_easyeditor(ee)
 
 
 def test_placeholders_serve_only_the_import_of_easyeditor(ee):
-    absent = [name for name in legacy.PLACEHOLDER_PACKAGES if importlib.util.find_spec(name) is None]
+    absent = [name for name in installed.PLACEHOLDER_PACKAGES if importlib.util.find_spec(name) is None]
     if not absent:
         pytest.skip("every package easyeditor imports is installed here: no placeholder was needed")
     for name in absent:
@@ -333,7 +266,7 @@ def test_a_release_with_sequential_edit_gets_no_compat():
 
     current = types.ModuleType("easyeditor_current")
     current.BaseEditor = BaseEditor
-    assert not legacy.is_legacy_easyeditor(current)
+    assert not installed.is_legacy_easyeditor(current)
     with legacy.legacy_compat(current) as active:
         assert not active
         with pytest.raises((AssertionError, RuntimeError)):
@@ -411,6 +344,6 @@ def test_the_shipped_smollm2_hparams_load_and_fit_its_architecture(ee, alg):
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     with torch.device("meta"):  # SmolLM2-135M's shapes, without its weights
         model = LlamaForCausalLM(config)
-    legacy.check_hparams_fit(model, hparams)
+    installed.check_hparams_fit(model, hparams)
     for layer in hparams.layers:
         assert model.get_submodule(hparams.rewrite_module_tmp.format(layer)).weight.shape == (576, 1536)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmeval_helpers import (
+from helpers.lmeval import (
     ME_PPL_DIR,
     SENTENCES,
     bpe_tokenizer,
@@ -20,7 +20,7 @@ from lmeval_helpers import (
 )
 from prune_plugin import lmeval
 from prune_plugin.datasets import COLLAPSE_PATH_ENV, HARDEDIT_PATH_ENV
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -149,15 +149,20 @@ def test_merge_puts_plugins_before_the_users_paths_without_duplicates(tmp_path):
 @pytest.fixture
 def recorded_index_paths(monkeypatch):
     """Register on a TaskManager whose index build only records the folders it is given (the real build
-    of lm-eval's 15k tasks takes ~20 s); the original __init__ comes back afterwards."""
+    of lm-eval's 15k tasks takes ~20 s); unregister_entry_point_tasks gives the original __init__ back afterwards."""
     from lm_eval.tasks import manager
 
-    monkeypatch.setattr(manager.TaskManager, "__init__", manager.TaskManager.__init__)
+    was_registered = lmeval.unregister_entry_point_tasks()  # the start-up hook may have registered it already
+    original = manager.TaskManager.__init__
     seen: list[list[Path]] = []
     monkeypatch.setattr(manager.TaskIndex, "build", staticmethod(lambda paths, **kw: seen.append(list(paths)) or {}))
     lmeval.register_entry_point_tasks()
     lmeval.register_entry_point_tasks()  # idempotent: wrapping twice would add the folders twice
-    return manager, seen
+    yield manager, seen
+    assert lmeval.unregister_entry_point_tasks()
+    assert manager.TaskManager.__init__ is original
+    if was_registered:
+        lmeval.register_entry_point_tasks()
 
 
 def test_registered_task_manager_indexes_defaults_then_plugins_then_the_users_paths(recorded_index_paths, tmp_path):
@@ -174,3 +179,24 @@ def test_registered_task_manager_leaves_include_defaults_false_alone(recorded_in
     manager, seen = recorded_index_paths
     manager.TaskManager(include_path=[str(tmp_path)], include_defaults=False)
     assert seen[-1] == [tmp_path]
+
+
+def test_unregistering_gives_back_the_task_managers_own_or_inherited_init():
+    class Base:
+        def __init__(self, include_path=None, include_defaults=True):
+            self.include_path = include_path
+
+    class Own(Base):
+        def __init__(self, include_path=None, include_defaults=True):
+            super().__init__(include_path, include_defaults)
+
+    class Inherits(Base):
+        pass
+
+    own_init = Own.__init__
+    for cls in (Own, Inherits):
+        lmeval.register_entry_point_tasks(cls)
+        assert getattr(cls.__init__, "__wrapped__", None) is not None
+        assert lmeval.unregister_entry_point_tasks(cls)
+        assert not lmeval.unregister_entry_point_tasks(cls)  # nothing left to undo
+    assert Own.__init__ is own_init and "__init__" not in vars(Inherits)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import processors
 
-from lmeval_helpers import SENTENCES, bpe_tokenizer, llama_for, paper_mean_ppl, write_sentences
+from helpers.lmeval import SENTENCES, bpe_tokenizer, llama_for, paper_mean_ppl, write_sentences
 from prune_plugin import lmeval
 from prune_plugin.lmeval_ppl import (
     paper_ppl_docs,
@@ -14,7 +14,7 @@ from prune_plugin.lmeval_ppl import (
     split_first_token,
     unregister_tokenizer,
 )
-from tiny_models import save_pretrained, tiny_llama, train_tokenizer
+from prune_plugin.testing import save_pretrained, tiny_llama, train_tokenizer
 
 
 def lm_eval_tokens(context: str, continuation: str, tokenizer, add_bos_token=None):

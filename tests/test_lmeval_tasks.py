@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmeval_helpers import (
+from helpers.lmeval import (
     SENTENCES,
     TARGETS,
     paper_mean_ppl,
@@ -22,7 +22,7 @@ from lmeval_helpers import (
     write_edit_records,
     write_sentences,
 )
-from tiny_models import save_pretrained, tiny_gpt2
+from prune_plugin.testing import save_pretrained, tiny_gpt2
 
 pytestmark = pytest.mark.slow
 

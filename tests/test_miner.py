@@ -7,7 +7,8 @@ import torch
 from prune_plugin.cli import main
 from prune_plugin.datasets import load_edit_records
 from prune_plugin.miner import hard_subset
-from edit_fixtures import requires_easyeditor, tiny_model_folder_with_rome_yaml
+from helpers.editing import requires_easyeditor
+from prune_plugin.testing import tiny_model_folder_with_rome_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def test_mining_ranks_records_restores_weights_and_writes_a_hardedit_file(tmp_pa
 def test_mining_with_memit_computes_its_covariance_locally_instead_of_downloading_it(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from test_legacy_compat import ARCH, METHOD
+    from prune_plugin.testing import ARCH, METHOD
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PRUNE_PLUGIN_CACHE", str(tmp_path / "cache"))
@@ -75,12 +76,13 @@ def test_the_hard_subset_keeps_records_at_or_above_the_threshold_with_fresh_ids(
 
 @requires_easyeditor
 def test_the_editor_model_is_restored_bit_exactly_after_each_record(tmp_path, monkeypatch):
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed, legacy
     from prune_plugin.miner import mine_hard_cases
-    from test_easyedit_prune import tiny_model, write_yaml
+    from helpers.editing import write_yaml
+    from prune_plugin.testing import tiny_model
 
     monkeypatch.chdir(tmp_path)
-    ee = legacy.import_easyeditor()
+    ee = installed.import_easyeditor()
     model, tok = tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     path = write_yaml(tmp_path, "ROME")

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from prune_plugin import models
+from prune_plugin.hashing import sha256_file
 from prune_plugin.models import MARKER, ModelError, ModelSource, ensure_default_model, load_model
-from tiny_models import save_pretrained, tiny_llama
+from prune_plugin.testing import save_pretrained, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_marker_records_size_and_sha256_of_every_file(tiny):
     assert set(marker["files"]) == on_disk
     weights = marker["files"]["model.safetensors"]
     assert weights["bytes"] == (folder / "model.safetensors").stat().st_size
-    assert weights["sha256"] == models._sha256(folder / "model.safetensors")
+    assert weights["sha256"] == sha256_file(folder / "model.safetensors")
     assert marker["recipe"] == {"model": "tiny-llama", "v": 3}
 
 

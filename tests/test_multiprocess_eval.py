@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from lmeval_helpers import (
+from helpers.lmeval import (
     PTH_NAME,
     REPO,
     SENTENCES,
@@ -34,7 +34,7 @@ from lmeval_helpers import (
     write_sentences,
 )
 from prune_plugin.lmeval_ppl import resolve_tokenizer
-from tiny_models import save_pretrained, tiny_gpt2
+from prune_plugin.testing import save_pretrained, tiny_gpt2
 
 TASKS = "hardedit,collapse_ppl"
 LIMIT = 7  # 7 of the 8 edit records (split 4/3) and all 5 sentences (split 3/2): both ranks need padding
@@ -189,7 +189,7 @@ def tokenizer_loads(monkeypatch) -> list[tuple[str, dict]]:
     """AutoTokenizer.from_pretrained calls (name, keyword arguments), answered with a tiny tokenizer."""
     import transformers
 
-    from tiny_models import train_tokenizer
+    from prune_plugin.testing import train_tokenizer
 
     calls: list[tuple[str, dict]] = []
 

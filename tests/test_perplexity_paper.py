@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmeval_helpers import ME_PPL_DIR, bpe_tokenizer, paper_mean_ppl
+from helpers.lmeval import ME_PPL_DIR, bpe_tokenizer, paper_mean_ppl
 from prune_plugin.perplexity import mean_perplexity, token_nll
 
 FILES = [("ME-PPL_50.json", 50), ("ME-PPL_1k.json", 200)]

@@ -19,7 +19,7 @@ import torch
 from rouge import Rouge
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmeval_helpers import REPO, bpe_tokenizer
+from helpers.lmeval import REPO, bpe_tokenizer
 from prune_plugin import lmeval
 from prune_plugin.datasets import (
     PRUNE_SAMPLE_COUNTS,
@@ -31,7 +31,7 @@ from prune_plugin.datasets import (
     load_reasoning_records,
     load_summarization_records,
 )
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 # ../shared beside the repository, as CI lays it out (a git worktree elsewhere can name the folder instead).
 OFFICIAL_DIR = Path(os.environ.get("PRUNE_OFFICIAL_TASKS_DIR", REPO.parent / "shared" / "data" / "prune-tasks"))

@@ -12,7 +12,6 @@ hours, checked against the code they name), so the README cannot drift from the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -22,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edit_fixtures import requires_easyeditor
-from lmeval_helpers import (
+from helpers.editing import requires_easyeditor
+from helpers.lmeval import (
     PTH_NAME,
     REPO,
     SENTENCES,
@@ -79,7 +78,7 @@ def tiny_gpt2_folder(folder: Path) -> Path:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    from tiny_models import CORPUS
+    from prune_plugin.testing import CORPUS
 
     folder.mkdir(parents=True)
     bpe = ByteLevelBPETokenizer()
@@ -123,7 +122,7 @@ print(_json.dumps({
 
 def with_start_up_hook(code: str, tmp: Path) -> str:
     """`code` as a pip-installed interpreter runs it; where the install is editable (no .pth in site-packages), a
-    copy of the .pth is processed first, as site.py would (the same as lmeval_helpers.lm_eval_command)."""
+    copy of the .pth is processed first, as site.py would (the same as helpers.lmeval.lm_eval_command)."""
     if autoload_installed():
         return code
     site_dir = tmp / "autoload-site"
@@ -180,7 +179,7 @@ def assert_both_groups_ran(results: dict) -> None:
 
 @pytest.mark.slow
 def test_lm_eval_python_block_runs_as_written(small_task_data, monkeypatch):
-    from tiny_models import tiny_llama
+    from prune_plugin.testing import tiny_llama
 
     (code,) = [c for c in blocks(section("lm-eval tasks"), "python") if "evaluate(" in c]
     for name, value in small_task_data.items():
@@ -193,7 +192,7 @@ def test_lm_eval_python_block_runs_as_written(small_task_data, monkeypatch):
 
 @pytest.mark.slow
 def test_lm_eval_command_runs_as_written(tmp_path, small_task_data):
-    from tiny_models import save_pretrained, tiny_gpt2
+    from prune_plugin.testing import save_pretrained, tiny_gpt2
 
     # the section's command for both task families (others there are only classified, by check_shell_line)
     command = next(c for c in shell_lines(section("lm-eval tasks"))
@@ -325,7 +324,7 @@ def test_the_support_table_names_every_method_and_matches_the_plugin():
 def test_the_covariance_block_runs_as_written(tmp_path):
     import types
 
-    from tiny_models import CORPUS, tiny_llama
+    from prune_plugin.testing import CORPUS, tiny_llama
 
     (code,) = blocks(section("EasyEdit methods"), "python")
     model, tokenizer = tiny_llama()
@@ -343,16 +342,16 @@ def test_the_covariance_block_runs_as_written(tmp_path):
 def test_the_resume_block_runs_as_written(tmp_path, monkeypatch):
     """An interrupted checkpointed run (one of two records applied) continued with the README's call."""
     monkeypatch.chdir(tmp_path)  # BaseEditor writes logs/run.log into the working directory
-    from test_checkpoint import RECORDS, edit, rome_yaml
+    from helpers.editing import RECORDS, edit, rome_yaml
 
     import prune_plugin.easyedit as pe
-    from prune_plugin.easyedit import legacy
+    from prune_plugin.easyedit import installed
 
-    pe.activate(legacy.import_easyeditor())
+    pe.activate(installed.import_easyeditor())
     path = rome_yaml(tmp_path, prune_checkpoint_dir=str(tmp_path / "ckpt"), prune_checkpoint_at=[1, 2])
     edit(path, RECORDS[:1])  # the "interrupted" run: its checkpoint after edit 1 is on disk
     from prune_plugin.easyedit.driver import build_editor, load_hparams
-    from test_legacy_compat import tiny_model
+    from prune_plugin.testing import tiny_model
 
     model, tok = tiny_model("llama")
     editor = build_editor(load_hparams(path), model, tok)

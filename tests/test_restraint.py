@@ -263,3 +263,53 @@ class TestSpectrum:
         assert parse_rank_rule(" Official") == "official" and parse_rank_rule("exact") == "exact"
         with pytest.raises(ValueError, match="exact, official"):
             parse_rank_rule("numpy")
+
+
+# -- restrain_parameter: the lean in-place path an edit runs --------------------------------------------------------
+def _case(m, n, rank, seed, dtype=torch.float32, strength=6.0):
+    g = torch.Generator().manual_seed(seed)
+    w0 = (torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)).to(dtype)
+    update = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g, dtype=torch.float64)
+    w = (w0.double() + strength * update / math.sqrt(rank)).to(dtype)
+    return w0, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,rank", [((40, 300), 3), ((300, 40), 7), ((60, 50), 50)])
+def test_restrain_parameter_equals_w0_plus_restrain_delta(dtype, shape, rank):
+    w0, w = _case(*shape, rank, seed=rank, dtype=dtype)
+    smax0 = largest_singular_value(w0)
+    delta, info = restrain_delta(w.double() - w0.double(), smax0, 2.0, storage_dtype=dtype,
+                                 weight_norm=float(w.double().norm()), rank_hint=rank)
+    assert info.n_restrained > 0
+    expected = (w0.double() + delta).to(dtype)
+    weight = w.clone()
+    figures, wrote = restrain_parameter(weight, w0, smax0, 2.0, rank_hint=rank)
+    assert wrote and figures.rank == info.rank and figures.path == info.path
+    # Same factors; only float64 round-off of the blocked write-back differs, far below the storage precision.
+    scale = max(float(w0.abs().max()), float(w.abs().max()))
+    assert torch.allclose(weight.double(), expected.double(), rtol=0, atol=max(2 * torch.finfo(dtype).eps, 1e-13) * scale)
+    reference = w0.double() + restrain_dense_reference(w.double() - w0.double(), smax0, 2.0, never_enlarge=True,
+                                                       rank_rule="exact")
+    rounding = float((reference.to(dtype).double() - reference).norm())
+    assert float((weight.double() - reference).norm()) <= max(2 * rounding, 1e-12 * float(reference.norm()))
+
+
+def test_restrain_parameter_leaves_w_alone_when_nothing_reaches_smax_or_write_is_off():
+    w0, w = _case(30, 50, 2, seed=1, strength=0.01)
+    weight = w.clone()
+    figures, wrote = restrain_parameter(weight, w0, largest_singular_value(w0), math.e)
+    assert not wrote and figures.n_restrained == 0 and torch.equal(weight, w)
+    w0, w = _case(30, 50, 2, seed=1)
+    weight = w.clone()
+    figures, wrote = restrain_parameter(weight, w0, largest_singular_value(w0), math.e, write=False)
+    assert not wrote and figures.n_restrained > 0 and torch.equal(weight, w)
+
+
+def test_restrain_parameter_refuses_non_finite_edits_untouched():
+    w0, w = _case(20, 30, 1, seed=2)
+    w[3, 4] = float("inf")
+    weight = w.clone()
+    with pytest.raises(FloatingPointError):
+        restrain_parameter(weight, w0, largest_singular_value(w0), math.e)
+    assert torch.equal(weight, w)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prune_plugin.config import PruneConfig
-from prune_plugin.session import EditSession
+from prune_plugin.plugins import edit_session
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 ALPHAS = [math.e, 2.0, 1.2, "linear"]
@@ -73,7 +73,7 @@ def restrain_through_the_session(w0, w, entry, alpha, never_enlarge):
     model = one_matrix_model(w0)
     mode = "online" if entry == "after_edit" else "final"
     config = PruneConfig(prune=True, prune_alpha=alpha, prune_mode=mode, prune_never_enlarge=never_enlarge)
-    session = EditSession(model, config, ["weight"])
+    session = edit_session(model, config, ["weight"])
     session.before_edit()
     with torch.no_grad():
         model.weight.copy_(w)
@@ -162,7 +162,7 @@ def test_float64_weights_keep_the_directions_the_float32_rank_rule_would_drop():
     assert rel < 1e-9
 
     model = one_matrix_model(w0)
-    session = EditSession(model, PruneConfig(prune=True, prune_rank_rule="official"), ["weight"])
+    session = edit_session(model, PruneConfig(prune=True, prune_rank_rule="official"), ["weight"])
     session.begin()
     with torch.no_grad():
         model.weight.copy_(w)
@@ -178,7 +178,7 @@ def test_a_non_finite_edit_is_refused_with_a_clear_error_and_w_left_as_written(b
     w = (w0.double() + random_delta(g, 20, 30, "low rank", 2, 3.0)).to(torch.float32)
     w[4, 7] = bad
     model = one_matrix_model(w0)
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), ["weight"])
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="online"), ["weight"])
     session.before_edit()
     with torch.no_grad():
         model.weight.copy_(w)

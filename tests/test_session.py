@@ -1,5 +1,4 @@
 """The edit session: W0 bookkeeping, PRUNE's two modes, the hook contract, telemetry, rollback and restoration."""
-import json
 import math
 
 import pluggy
@@ -10,9 +9,10 @@ from prune_plugin.config import PruneConfig
 from prune_plugin.hookspecs import hookimpl
 from prune_plugin.plugins.telemetry import read_telemetry
 from prune_plugin.restraint import restrain_dense_reference, restrain_values
-from prune_plugin.session import EditSession, make_plugin_manager
+from prune_plugin.plugins import edit_session, make_plugin_manager
+from prune_plugin.session import EditSession
 from prune_plugin.spectrum import largest_singular_value
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 TARGET = "model.layers.1.mlp.down_proj.weight"
 
@@ -47,7 +47,7 @@ def params_snapshot(model):
 
 def test_final_mode_restrains_once_after_the_last_edit_like_the_official_code(model):
     w0 = model.get_parameter(TARGET).detach().clone()
-    session = EditSession(model, PruneConfig(prune=True, prune_alpha=2.0, prune_mode="final"), [TARGET])
+    session = edit_session(model, PruneConfig(prune=True, prune_alpha=2.0, prune_mode="final"), [TARGET])
     for i in range(3):
         session.before_edit()
         rank_one_edit(model, seed=i)
@@ -63,7 +63,7 @@ def test_final_mode_restrains_once_after_the_last_edit_like_the_official_code(mo
 def test_restrained_matrix_obeys_the_papers_bound(model):
     w0 = model.get_parameter(TARGET).detach().clone()
     smax0 = largest_singular_value(w0)
-    session = EditSession(model, PruneConfig(prune=True, prune_alpha=math.e), [TARGET])
+    session = edit_session(model, PruneConfig(prune=True, prune_alpha=math.e), [TARGET])
     for i in range(4):
         session.before_edit()
         rank_one_edit(model, seed=i)
@@ -78,7 +78,7 @@ def test_restrained_matrix_obeys_the_papers_bound(model):
 
 def test_online_mode_restrains_after_every_edit_and_only_edited_matrices(model):
     other = "model.layers.2.mlp.down_proj.weight"
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET, other])
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="online"), [TARGET, other])
     steps = run_sequence(session, model, 3)
     for step in steps:
         assert step.edited == [TARGET]
@@ -88,7 +88,7 @@ def test_online_mode_restrains_after_every_edit_and_only_edited_matrices(model):
 
 def test_restraint_never_touches_parameters_that_were_not_edited(model):
     before = params_snapshot(model)
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
     run_sequence(session, model, 2)
     for name, value in before.items():
         if name != TARGET:
@@ -97,7 +97,7 @@ def test_restraint_never_touches_parameters_that_were_not_edited(model):
 
 def test_restore_gives_back_w0_bit_exactly(model):
     before = params_snapshot(model)
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="online"), [TARGET])
     run_sequence(session, model, 3)
     assert not torch.equal(model.get_parameter(TARGET), before[TARGET])
     session.restore()
@@ -108,7 +108,7 @@ def test_restore_gives_back_w0_bit_exactly(model):
 def test_originals_can_live_on_the_cpu_and_restore_in_the_parameters_dtype(model):
     model = model.to(torch.bfloat16)
     w0 = model.get_parameter(TARGET).detach().clone()
-    session = EditSession(model, PruneConfig(prune=True, prune_originals_device="cpu"), [TARGET])
+    session = edit_session(model, PruneConfig(prune=True, prune_originals_device="cpu"), [TARGET])
     run_sequence(session, model, 2)
     assert session.originals[TARGET].device.type == "cpu" and session.originals[TARGET].dtype == torch.bfloat16
     session.restore()
@@ -116,7 +116,7 @@ def test_originals_can_live_on_the_cpu_and_restore_in_the_parameters_dtype(model
 
 
 def test_prune_off_changes_nothing_the_edits_did(model):
-    session = EditSession(model, PruneConfig(prune=False, prune_telemetry=None), [TARGET])
+    session = edit_session(model, PruneConfig(prune=False, prune_telemetry=None), [TARGET])
     run_sequence(session, model, 3)
     reference = tiny_llama()[0]
     for i in range(3):
@@ -125,7 +125,7 @@ def test_prune_off_changes_nothing_the_edits_did(model):
 
 
 def test_restrain_now_applies_the_restraint_whatever_the_mode(model):
-    session = EditSession(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
     session.before_edit()
     rank_one_edit(model, seed=0)
     session.after_edit({})
@@ -135,7 +135,7 @@ def test_restrain_now_applies_the_restraint_whatever_the_mode(model):
 
 def test_unknown_target_is_a_clear_error(model):
     with pytest.raises(KeyError, match="model.layers.9.mlp"):
-        EditSession(model, PruneConfig(prune=True), ["model.layers.9.mlp.down_proj.weight"])
+        edit_session(model, PruneConfig(prune=True), ["model.layers.9.mlp.down_proj.weight"])
 
 
 @pytest.mark.parametrize("telemetry", [False, True], ids=["plain", "telemetry-with-condition-numbers"])
@@ -143,7 +143,7 @@ def test_non_finite_edit_is_refused_and_weights_are_not_rewritten(model, tmp_pat
     w0 = model.get_parameter(TARGET).detach().clone()
     config = PruneConfig(prune=True, prune_mode="online",
                          prune_telemetry=str(tmp_path / "t.jsonl") if telemetry else None)
-    session = EditSession(model, config, [TARGET])
+    session = edit_session(model, config, [TARGET])
     session.before_edit()
     with torch.no_grad():
         model.get_parameter(TARGET)[0, 0] = float("nan")  # what a diverged ROME edit writes
@@ -158,7 +158,7 @@ def test_non_finite_edit_is_refused_and_weights_are_not_rewritten(model, tmp_pat
 class TestTelemetry:
     def test_every_edit_is_one_json_line_with_the_per_matrix_figures(self, model, tmp_path):
         path = tmp_path / "run" / "telemetry.jsonl"
-        session = EditSession(model, PruneConfig(prune=True, prune_mode="online", prune_telemetry=str(path)), [TARGET])
+        session = edit_session(model, PruneConfig(prune=True, prune_mode="online", prune_telemetry=str(path)), [TARGET])
         run_sequence(session, model, 3)
         records = list(read_telemetry(path))
         assert [r["event"] for r in records] == ["start", "edit", "edit", "edit", "end"]
@@ -169,7 +169,7 @@ class TestTelemetry:
 
     def test_without_restraint_telemetry_still_measures_the_edited_matrices(self, model, tmp_path):
         path = tmp_path / "t.jsonl"
-        session = EditSession(model, PruneConfig(prune_telemetry=str(path)), [TARGET])
+        session = edit_session(model, PruneConfig(prune_telemetry=str(path)), [TARGET])
         run_sequence(session, model, 2)
         edits = [r for r in read_telemetry(path) if r["event"] == "edit"]
         growth = [e["figures"][0]["cond_after"] for e in edits]
@@ -177,7 +177,7 @@ class TestTelemetry:
 
     def test_a_line_cut_off_by_a_crash_is_skipped_and_the_rest_is_kept(self, model, tmp_path):
         path = tmp_path / "t.jsonl"
-        session = EditSession(model, PruneConfig(prune_telemetry=str(path)), [TARGET])
+        session = edit_session(model, PruneConfig(prune_telemetry=str(path)), [TARGET])
         run_sequence(session, model, 2)
         with open(path, "a") as f:
             f.write('{"event": "edit", "step": 2, "figu')
@@ -221,9 +221,10 @@ class TestHooks:
             def prune_after_edit(self, step):
                 seen.append(step.figures[TARGET].restrained)
 
-        pm = make_plugin_manager(load_entry_points=False)
+        config = PruneConfig(prune=True, prune_mode="online")
+        pm = make_plugin_manager(config, load_entry_points=False)
         pm.register(Observer())
-        session = EditSession(model, PruneConfig(prune=True, prune_mode="online"), [TARGET], plugin_manager=pm)
+        session = EditSession(model, config, [TARGET], plugin_manager=pm)
         run_sequence(session, model, 1)
         assert seen == [True]
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
+import sys
 from typing import Any, ContextManager
 
-from ..session import EditSession, extra_config_keys, make_plugin_manager
+from ..plugins import extra_config_keys, make_plugin_manager
+from ..switches import env_switch
+from ..session import EditSession
 from .editor import NOT_IN_PLACE, PruneNotApplicableError, target_parameters
 from .hparams import patch_hparams_classes, prune_config_of
+from .installed import is_legacy_easyeditor
 from .resume import resume
 
 __all__ = [
@@ -36,7 +39,7 @@ COMPAT_SWITCH = "PRUNE_PLUGIN_EASYEDIT_COMPAT"
 
 
 def _switched_off(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+    return not env_switch(name, default=True)
 
 
 def activate(easyeditor: Any = None) -> None:
@@ -53,7 +56,7 @@ def activate(easyeditor: Any = None) -> None:
     extra = extra_config_keys(make_plugin_manager())
     patch_hparams_classes(hparams_base, extra, _undo)
     patch_editor_class(editor_cls, _undo)
-    if not _switched_off(COMPAT_SWITCH):
+    if not _switched_off(COMPAT_SWITCH) and is_legacy_easyeditor(sys.modules[editor_cls.__module__.partition(".")[0]]):
         from .legacy import patch_legacy_editor_class
 
         patch_legacy_editor_class(editor_cls, _undo)  # the packaged 0.0.1.dev0 only: CPU redirect, decoder tuples
@@ -79,11 +82,11 @@ def autoactivate(easyeditor: Any = None) -> None:
 
 def autoimport() -> ContextManager[Any]:
     """Called by the start-up hook around a plain `import easyeditor`: placeholders for the packages easyeditor
-    imports but its in-place methods never use, where they do not import (see legacy.import_placeholders).
+    imports but its in-place methods never use, where they do not import (see installed.import_placeholders).
     PRUNE_PLUGIN_EASYEDIT_COMPAT=0 (or PRUNE_PLUGIN_AUTOLOAD=0) switches it off."""
     if _switched_off(AUTOLOAD_SWITCH) or _switched_off(COMPAT_SWITCH):
         return contextlib.nullcontext()
-    from .legacy import import_placeholders
+    from .installed import import_placeholders
 
     return import_placeholders()
 

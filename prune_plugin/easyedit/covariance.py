@@ -14,6 +14,7 @@ installed easyeditor looks when `hparams` is a plain object; ``generation=`` say
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -23,8 +24,10 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Generation", "covariance_path", "easyedit_generation", "precompute_covariance", "stats_model_name"]
+__all__ = ["Generation", "covariance_path", "easyedit_generation", "precompute_covariance", "stats_model_name",
+           "statistics_dir", "prepare_statistics"]
 
+LOG = logging.getLogger("prune_plugin")
 Generation = Literal["legacy", "current"]
 _REQUIRED = ("stats_dir", "mom2_dataset", "mom2_n_samples", "mom2_dtype", "rewrite_module_tmp", "layers")
 
@@ -48,7 +51,7 @@ def _max_positions(model: torch.nn.Module) -> int:
 def easyedit_generation(hparams: Any = None) -> Generation:
     """Which EasyEdit generation's conventions apply: that of the easyeditor package `hparams`' class comes from,
     else that of the installed easyeditor distribution, else "current"."""
-    from .legacy import installed_easyeditor_version, is_legacy_easyeditor
+    from .installed import installed_easyeditor_version, is_legacy_easyeditor
 
     package = sys.modules.get(type(hparams).__module__.partition(".")[0]) if hparams is not None else None
     if package is not None and hasattr(package, "BaseEditor"):
@@ -192,3 +195,24 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def statistics_dir() -> Path:
+    """Where the plugin keeps the key covariance statistics it computes (a cache shared by runs)."""
+    from ..models import cache_root
+
+    return cache_root() / "stats"
+
+
+def prepare_statistics(model: torch.nn.Module, tok: Any, hparams: Any, sentences: Sequence[str]) -> bool:
+    """MEMIT (and ROME with mom2_adjustment) need key covariance statistics, which EasyEdit would download from the
+    dataset hub: compute the missing ones from the reference corpus into statistics_dir(), and point `hparams` at
+    it. Returns whether the method needs them (False: `hparams` is left as it is)."""
+    if not (hparams.alg_name == "MEMIT" or getattr(hparams, "mom2_adjustment", False)):
+        return False
+    hparams.stats_dir = str(statistics_dir())
+    missing = [layer for layer in hparams.layers if not covariance_path(model, hparams, layer).exists()]
+    if missing:
+        LOG.info("computing key covariance for layers %s from %d reference sentences", missing, len(sentences))
+        precompute_covariance(model, tok, hparams, sentences)
+    return True

@@ -4,11 +4,14 @@ in the current EasyEdit)."""
 from __future__ import annotations
 
 import os
+from importlib import resources
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from .legacy import import_easyeditor, is_legacy_easyeditor
+from .installed import import_easyeditor, is_legacy_easyeditor, reset_easyeditor_caches
+from .records import edit_kwargs
 
 
 def easyeditor_module() -> Any:
@@ -29,6 +32,11 @@ def load_hparams(path: str | os.PathLike) -> Any:
     return cls.from_hparams(os.fspath(path))
 
 
+def shipped_hparams(method: str) -> Path:
+    """The hparams YAML the plugin ships for `method` (ROME, MEMIT, FT) on the embedded SmolLM2-135M."""
+    return Path(str(resources.files("prune_plugin") / "hparams" / method / "smollm2-135m.yaml"))
+
+
 def hparams_class(easyeditor: Any, alg_name: str) -> type | None:
     """The easyeditor's XHyperParams class for `alg_name`: "R-ROME" -> R_ROMEHyperParams, "MEMIT-FE" ->
     MEMITFEHyperParams, "ULTRAEDIT" -> UltraEditHyperParams (names compared without case, "-" and "_")."""
@@ -40,35 +48,25 @@ def hparams_class(easyeditor: Any, alg_name: str) -> type | None:
 
 
 def build_editor(hparams: Any, model: torch.nn.Module, tok: Any) -> Any:
-    """A BaseEditor editing `model` in place (the plugin's session is attached if the hparams switch it on)."""
+    """A BaseEditor editing `model` in place (the plugin's session is attached if the hparams switch it on).
+
+    easyeditor's module-level caches (context templates, covariances) are reset, in either generation: they would
+    otherwise carry what the methods computed for another model. Build one editor per model and use it before
+    building the next. `hparams` is left as it was, also when building fails."""
     easyeditor = easyeditor_module()
     if is_legacy_easyeditor(easyeditor):
-        from .legacy import make_editor
+        from .legacy import make_editor  # resets the caches too
 
         return make_editor(hparams, model, tok)
     name = hparams.model_name
     hparams.model_name = (model, tok)  # the current BaseEditor takes an in-memory (model, tokenizer) pair
-    editor = easyeditor.BaseEditor.from_hparams(hparams)
-    editor.model_name = hparams.model_name = name
+    try:
+        editor = easyeditor.BaseEditor.from_hparams(hparams)
+    finally:
+        hparams.model_name = name
+    editor.model_name = name
+    reset_easyeditor_caches(easyeditor)
     return editor
-
-
-def edit_kwargs(records: Sequence[dict]) -> dict[str, Any]:
-    """BaseEditor.edit keyword arguments for CounterFact-form records."""
-    return {
-        "prompts": [r["prompt"] for r in records],
-        "target_new": [r["target_new"] for r in records],
-        "ground_truth": [r["ground_truth"] for r in records],
-        "rephrase_prompts": [r["rephrase_prompt"] for r in records],
-        "subject": [r["subject"] for r in records],
-        "locality_inputs": {"neighborhood": {"prompt": [r["locality_prompt"] for r in records],
-                                             "ground_truth": [r["locality_ground_truth"] for r in records]}},
-    }
-
-
-def request_of(record: dict) -> dict[str, Any]:
-    """The fields of EasyEdit's request for a CounterFact-form record that identify it (prompt, subject, target)."""
-    return {"prompt": record["prompt"], "subject": record["subject"], "target_new": record["target_new"]}
 
 
 def edit_sequentially(editor: Any, records: Sequence[dict], *, resume: bool = False, easyedit_metrics: bool = True,
@@ -99,23 +97,18 @@ def edit_sequentially(editor: Any, records: Sequence[dict], *, resume: bool = Fa
 def _apply_without_metrics(editor: Any, records: Sequence[dict], legacy: bool) -> None:
     import contextlib
 
-    from .legacy import legacy_compat
+    from .editor import one_sequence
 
-    session = getattr(editor, "_prune_session", None)
     kwargs = edit_kwargs(records)
     requests = editor._prepare_requests(kwargs.pop("prompts"), kwargs.pop("target_new"), **kwargs)
     if hasattr(editor.hparams, "batch_size"):
         editor.hparams.batch_size = 1  # one request at a time, as edit() sets it
-    compat = legacy_compat(editor._easyeditor) if legacy else contextlib.nullcontext()
-    if session is not None:
-        session.depth += 1  # one sequence: it ends (final restraint, last checkpoint) after the last request
-    try:
-        with compat:
-            for request in requests:
-                editor.apply_algo(editor.model, editor.tok, [request], editor.hparams, copy=False,
-                                  return_orig_weights=False, keep_original_weight=False)
-    finally:
-        if session is not None:
-            session.depth -= 1
-    if session is not None and session.depth == 0:
-        session.end()
+    compat: Any = contextlib.nullcontext()
+    if legacy:
+        from .legacy import legacy_compat
+
+        compat = legacy_compat(editor._easyeditor)
+    with one_sequence(editor), compat:  # one sequence: it ends (final restraint, last checkpoint) after the last request
+        for request in requests:
+            editor.apply_algo(editor.model, editor.tok, [request], editor.hparams, copy=False,
+                              return_orig_weights=False, keep_original_weight=False)

@@ -7,14 +7,17 @@ the method in ``self.apply_algo`` and call it as ``apply_algo(model, tok, [reque
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..config import PruneConfig
+from ..plugins import make_plugin_manager
 from ..session import EditSession
 from .hparams import prune_config_of
 
@@ -51,7 +54,39 @@ METHOD_STATE = {
     "SPHERE": [("models.SPHERE.SPHERE_main", "cache_c_new", False)],
 }
 
-_EDIT_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "normal_edit", "generate_edit")
+#: BaseEditor's edit entry points in either generation (each is wrapped where the class has it): the outermost call
+#: ends the sequence, and the 0.0.1.dev0 compat runs them inside its CPU redirect.
+EDIT_ENTRY_POINTS = ("edit", "batch_edit", "edit_requests", "edit_dataset", "normal_edit", "generate_edit")
+
+
+@dataclass
+class EditorSequence:
+    """Where an EasyEdit editor is in its sequence of edits (the driver's state, beside the session's)."""
+
+    depth: int = 0  # nesting of the editor's edit entry points (edit calls batch_edit ...): the outermost one ends it
+    stopped: bool = False  # a step asked to stop (the collapse guard): no further request is applied
+
+
+def sequence_of(editor: Any) -> EditorSequence | None:
+    """The editor's sequence state (None when its hparams did not switch the plugin on)."""
+    return getattr(editor, "_prune_sequence", None)
+
+
+@contextlib.contextmanager
+def one_sequence(editor: Any) -> Iterator[None]:
+    """Within the block, the editor's requests belong to one sequence; leaving the outermost such block (without an
+    error) ends it: the 'final' restraint and the last checkpoint run there."""
+    session, sequence = getattr(editor, "_prune_session", None), sequence_of(editor)
+    if session is None or sequence is None:
+        yield
+        return
+    sequence.depth += 1
+    try:
+        yield
+    finally:
+        sequence.depth -= 1
+    if sequence.depth == 0:
+        session.end()
 
 
 class PruneNotApplicableError(ValueError):
@@ -139,13 +174,14 @@ def attach_session(editor: Any) -> EditSession | None:
         return None
     check_applicable(editor.alg_name)
     session = EditSession(editor.model, config, target_parameters(editor.model, editor.hparams, config),
-                          tokenizer=getattr(editor, "tok", None))
+                          plugin_manager=make_plugin_manager(config), tokenizer=getattr(editor, "tok", None))
     editor._prune_session = session
+    editor._prune_sequence = sequence = EditorSequence()
     if config.prune_checkpoint_dir is not None:
         from .resume import attach_checkpointing
 
         attach_checkpointing(editor, session)
-    editor.apply_algo = wrap_apply_algo(editor.apply_algo, session)
+    editor.apply_algo = wrap_apply_algo(editor.apply_algo, session, sequence)
     # W0 back means no edits: what the method remembers of them (AlphaEdit's Σ k kᵀ, ...) goes too.
     session.restore = _restore_and_forget(session, editor)
     LOG.info("prune-plugin: %s on %d parameter(s) (%s)", editor.alg_name, len(session.targets),
@@ -153,10 +189,11 @@ def attach_session(editor: Any) -> EditSession | None:
     return session
 
 
-def wrap_apply_algo(apply_algo: Callable[..., Any], session: EditSession) -> Callable[..., Any]:
+def wrap_apply_algo(apply_algo: Callable[..., Any], session: EditSession, sequence: EditorSequence
+                    ) -> Callable[..., Any]:
     @functools.wraps(apply_algo)
     def apply_with_hooks(model: torch.nn.Module, tok: Any, requests: Any, hparams: Any, *args: Any, **kwargs: Any):
-        if session.stopped:
+        if sequence.stopped:
             LOG.warning("prune-plugin: the collapse guard stopped the sequence; request not applied: %s",
                         _describe(requests))
             return model, {}
@@ -170,10 +207,9 @@ def wrap_apply_algo(apply_algo: Callable[..., Any], session: EditSession) -> Cal
         request = requests[0] if isinstance(requests, list) and len(requests) == 1 else {"requests": requests}
         step = session.after_edit(request)
         if step.stop:
-            session.stopped = True
+            sequence.stopped = True
         return edited_model, weights_copy
 
-    apply_with_hooks.__prune_session__ = session  # type: ignore[attr-defined]
     return apply_with_hooks
 
 
@@ -196,7 +232,7 @@ def patch_editor_class(editor_cls: type, undo: list) -> None:
     __init__.__prune_plugin_patched__ = True  # type: ignore[attr-defined]
     undo.append((editor_cls, "__init__", init))
     editor_cls.__init__ = __init__
-    for name in _EDIT_ENTRY_POINTS:
+    for name in EDIT_ENTRY_POINTS:
         method = editor_cls.__dict__.get(name)
         if method is not None:
             undo.append((editor_cls, name, method))
@@ -206,16 +242,7 @@ def patch_editor_class(editor_cls: type, undo: list) -> None:
 def _ends_sequence(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        session: EditSession | None = getattr(self, "_prune_session", None)
-        if session is None:
+        with one_sequence(self):
             return method(self, *args, **kwargs)
-        session.depth += 1
-        try:
-            result = method(self, *args, **kwargs)
-        finally:
-            session.depth -= 1
-        if session.depth == 0:
-            session.end()
-        return result
 
     return run

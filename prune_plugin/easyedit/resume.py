@@ -23,6 +23,7 @@ from ..checkpoint import (Checkpoint, CheckpointMismatchError, check_model, chec
                           latest_checkpoint, read_checkpoint)
 from ..config import PruneConfig
 from ..session import EditSession
+from .records import request_of
 
 LOG = logging.getLogger("prune_plugin")
 
@@ -78,8 +79,6 @@ def resume(editor: Any, records: Sequence[dict], checkpoint: Checkpoint | str | 
     its prune_checkpoint_dir). Returns (the checkpoint or None when there is none yet, the records still to edit).
 
     Checks the checkpoint against this model's W0, these hparams and these records before touching any weight."""
-    from .driver import request_of
-
     session: EditSession | None = getattr(editor, "_prune_session", None)
     if session is None or session.config.prune_checkpoint_dir is None:
         raise ValueError("resume needs prune_checkpoint_dir in the editor's hparams YAML")

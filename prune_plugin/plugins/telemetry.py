@@ -47,18 +47,17 @@ class Telemetry:
 
     @hookimpl(trylast=True)
     def prune_edit_start(self, session: "EditSession") -> None:
+        session.measure_condition = session.config.prune_telemetry_condition  # cond(W) before/after each restraint
         cfg = {k: v for k, v in session.config.to_dict().items()}
         self.write({"event": "start", "time": time.time(), "targets": session.targets, "config": cfg,
                     "originals_bytes": session.originals.nbytes()})
 
     @hookimpl(trylast=True)
     def prune_after_edit(self, session: "EditSession", step: "EditStep") -> None:
-        from .prune import restrain_matrices
-
         with session.timed(step, "telemetry"):
             unmeasured = [n for n in step.edited if n not in step.figures]
             if unmeasured and not step.rolled_back:
-                step.figures.update(restrain_matrices(session, unmeasured, write=False))
+                step.figures.update(session.restrain_matrices(unmeasured, write=False))
             record = {
                 "event": "edit", "step": step.index, "time": time.time(), "request": _request_summary(step.request),
                 "edited": step.edited, "figures": [dataclasses.asdict(f) for f in step.figures.values()],

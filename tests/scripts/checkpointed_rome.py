@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tiny models and method settings
 
 import yaml
 from safetensors.torch import save_file
@@ -18,7 +17,7 @@ from safetensors.torch import save_file
 import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.driver import build_editor, easyeditor_module, edit_sequentially, load_hparams
 from prune_plugin.hookspecs import hookimpl
-from test_legacy_compat import ARCH, METHOD, tiny_model
+from prune_plugin.testing import ARCH, METHOD, tiny_model
 
 workdir, mode, weights_out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 resume = "--resume" in sys.argv

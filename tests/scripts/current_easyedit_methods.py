@@ -14,21 +14,20 @@ from pathlib import Path
 
 checkout, workdir, methods = sys.argv[1], Path(sys.argv[2]), sys.argv[3].split(",")
 sys.path.insert(0, checkout)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
 import torch
 import yaml
 
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed
 
-easyeditor = legacy.import_easyeditor()
-assert not legacy.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
+easyeditor = installed.import_easyeditor()
+assert not installed.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
 
 import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.covariance import covariance_path, precompute_covariance
 from prune_plugin.easyedit.driver import build_editor, load_hparams
 from prune_plugin.hookspecs import hookimpl
-from tiny_models import CORPUS, tiny_llama
+from prune_plugin.testing import CORPUS, tiny_llama
 
 pe.activate(easyeditor)
 

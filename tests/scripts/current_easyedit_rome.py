@@ -8,23 +8,22 @@ from pathlib import Path
 
 checkout, workdir = sys.argv[1], Path(sys.argv[2])
 sys.path.insert(0, checkout)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
 import torch
 import yaml
 
-from prune_plugin.easyedit import legacy
+from prune_plugin.easyedit import installed
 
 # The current EasyEdit imports multimodal and API packages at package import; none is used by ROME.
 for name in ("av", "qwen_vl_utils", "zhipuai", "rouge"):
-    legacy.PLACEHOLDER_PACKAGES.setdefault(name, "parts of the current EasyEdit that ROME does not use")
-easyeditor = legacy.import_easyeditor()
-assert not legacy.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
+    installed.PLACEHOLDER_PACKAGES.setdefault(name, "parts of the current EasyEdit that ROME does not use")
+easyeditor = installed.import_easyeditor()
+assert not installed.is_legacy_easyeditor(easyeditor), "expected a current EasyEdit (with sequential_edit)"
 
 import prune_plugin.easyedit as pe
 from prune_plugin.easyedit.driver import build_editor
 from prune_plugin.restraint import restrain_values
-from tiny_models import tiny_llama
+from prune_plugin.testing import tiny_llama
 
 config = dict(alg_name="ROME", model_name="tiny", device="cpu", layers=[1], fact_token="subject_last",
               v_num_grad_steps=10, v_lr=0.5, v_loss_layer=3, v_weight_decay=1e-3, clamp_norm_factor=20,

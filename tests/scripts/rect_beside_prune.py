@@ -10,17 +10,18 @@ import sys
 from pathlib import Path
 
 workdir = Path(sys.argv[1])
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tiny models and method settings
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers.editing
 
 import torch
 import yaml
 
 import prune_plugin.easyedit as pe
 from prune_plugin.config import PruneConfigError
-from prune_plugin.easyedit import legacy
-from test_legacy_compat import ARCH, EDITS, METHOD, tiny_model
+from prune_plugin.easyedit import installed, legacy
+from helpers.editing import EDITS
+from prune_plugin.testing import ARCH, METHOD, tiny_model
 
-ee = legacy.import_easyeditor()
+ee = installed.import_easyeditor()
 pe.activate(ee)
 TARGET = ARCH["llama"]["rewrite_module_tmp"].format(METHOD["ROME"]["layers"][0]) + ".weight"
 

@@ -14,12 +14,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tests/helpers/ -> the repository root
 ME_PPL_DIR = REPO.parent / "shared" / "data" / "me-ppl"
 PTH_NAME = "prune_plugin_autoload.pth"
 
 # Records whose new targets never occur as a true answer, so a model biased toward the targets must win
-# every efficacy comparison and lose every locality comparison. Every word is in tiny_models.CORPUS.
+# every efficacy comparison and lose every locality comparison. Every word is in prune_plugin.testing.CORPUS.
 EDITS = [
     ("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris",
      "The Eiffel Tower is in", "The Louvre is a museum in", "Paris"),

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -75,10 +74,6 @@ BUDGET_OVERRIDES = {"ROME": {"v_num_grad_steps": 15, "context_template_length_pa
                     "MEMIT": {"v_num_grad_steps": 15}}
 
 
-def shipped_hparams(method: str) -> Path:
-    return Path(str(resources.files("prune_plugin") / "hparams" / method / "smollm2-135m.yaml"))
-
-
 def checkpoint_counts(options: JobOptions) -> list[int]:
     """The edit counts evaluated: 0 (the unedited model), the requested ones, and the last edit."""
     if options.checkpoints is None:
@@ -126,7 +121,8 @@ def run_job(options: JobOptions) -> dict[str, Any]:
     import yaml
 
     from .datasets import load_edit_records, load_reference_sentences, write_json
-    from .easyedit.driver import easyeditor_module, load_hparams
+    from .easyedit.covariance import prepare_statistics, statistics_dir
+    from .easyedit.driver import easyeditor_module, load_hparams, shipped_hparams
     from .models import load_model
 
     out = Path(options.out)
@@ -300,34 +296,12 @@ def _read_json_or(path: Path, default: Any) -> Any:
     return read_json(path) if path.exists() else default
 
 
-def statistics_dir() -> Path:
-    """Where the plugin keeps the key covariance statistics it computes (a cache shared by runs)."""
-    from .models import cache_root
-
-    return cache_root() / "stats"
-
-
-def prepare_statistics(model, tok, hparams: Any, sentences) -> bool:
-    """MEMIT (and ROME with mom2_adjustment) need key covariance statistics, which EasyEdit would download from the
-    dataset hub: compute the missing ones from the reference corpus into statistics_dir(), and point `hparams` at
-    it. Returns whether the method needs them (False: `hparams` is left as it is)."""
-    if not (hparams.alg_name == "MEMIT" or getattr(hparams, "mom2_adjustment", False)):
-        return False
-    from .easyedit.covariance import covariance_path, precompute_covariance
-
-    hparams.stats_dir = str(statistics_dir())
-    missing = [layer for layer in hparams.layers if not covariance_path(model, hparams, layer).exists()]
-    if missing:
-        LOG.info("computing key covariance for layers %s from %d reference sentences", missing, len(sentences))
-        precompute_covariance(model, tok, hparams, sentences)
-    return True
-
-
 def _evaluate(model, tok, metadata, tasks: Iterable[str]) -> dict[str, float]:
     """Every numeric metric lm-eval reports for `tasks`, as {"task/metric,filter": value}."""
     from .lmeval import evaluate
 
-    # The paper scores sentences without BOS; SmolLM2's tokenizer would add one.
+    # The paper scores sentences without BOS. SmolLM2's tokenizer adds none (its add_bos_token is False); this
+    # keeps it so for a --model whose tokenizer would add one (Llama-style).
     raw = evaluate(model, tok, list(tasks), metadata=metadata, batch_size=10, bootstrap_iters=0,
                    model_kwargs={"add_bos_token": False})["results"]
     # NaN (prune_nli's acc_answered when no row answered True or False) is left out: it is no number to plot,
