@@ -162,7 +162,7 @@ def _check_common(args: argparse.Namespace) -> None:
         if path and not os.access(path, os.R_OK):
             raise UsageError(f"--{option}: cannot read {path}")
     from .datasets import load_edit_records
-    from .mainjob import GENERAL_TASKS, check_prune_tasks
+    from .experiment import GENERAL_TASKS, check_prune_tasks
 
     try:
         load_edit_records(args.data)  # a malformed file fails here, with file, record and field
@@ -219,7 +219,8 @@ def _run(args: argparse.Namespace) -> int:
     options = JobOptions(method=args.method, edits=args.edits, alphas=args.alpha, mode=args.mode, model=args.model,
                          hparams=args.hparams, data=args.data, out=args.out, seed=args.seed,
                          eval_sentences=args.eval_sentences, checkpoints=args.checkpoints, tasks=args.tasks,
-                         general_at=args.general_at, prune_tasks_dir=args.prune_tasks_dir, resume=args.resume, easyedit_metrics=args.easyedit_metrics)
+                         general_at=args.general_at, prune_tasks_dir=args.prune_tasks_dir, resume=args.resume,
+                         easyedit_metrics=args.easyedit_metrics)
     results = run_job(options)
     print()
     print(format_table(results))
