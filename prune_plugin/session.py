@@ -107,6 +107,7 @@ class EditSession:
         self.steps: list[EditStep] = []
         self.rank_hints: dict[str, int] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
+        self._restrained_prints: dict[str, tuple[int, int]] = {}  # each matrix as restrain_now() last left it
         self._seen: dict[str, tuple[int, int]] = {}
         self._original_prints: dict[str, tuple[int, int]] = {}  # fingerprints of W0, taken on each weight's device
         self._pre_edit: dict[str, torch.Tensor] | None = None
@@ -173,6 +174,7 @@ class EditSession:
         self.first_index = index
         self.rank_hints.update(dict(rank_hints))
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
+        self._restrained_prints.clear()  # the matrices are the checkpoint's now, restrained or not
 
     # -- queries and actions -----------------------------------------------------------------------------------
     @property
@@ -196,14 +198,24 @@ class EditSession:
         return changed
 
     def restrain_now(self) -> dict[str, MatrixFigures]:
-        """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode."""
+        """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode.
+
+        A matrix still as the previous restrain_now() left it is not restrained again (F is not idempotent: a second
+        pass would restrain the restrained values once more), so restrain_now() then end() in 'final' mode restrains
+        once; its figures are the previous ones. Returns the figures of every matrix that differs from W0."""
         from .plugins.prune import restrain_matrices
 
         self.begin()
-        figures = restrain_matrices(self, self.changed_from_original())
-        self.last_restraint = figures
-        self._seen.update({n: fingerprint(get_parameter(self.model, n)) for n in figures})
-        return figures
+        changed = self.changed_from_original()
+        pending = [n for n in changed if self._restrained_prints.get(n) != fingerprint(get_parameter(self.model, n))]
+        figures = restrain_matrices(self, pending)
+        prints = {n: fingerprint(get_parameter(self.model, n)) for n in figures}
+        self._restrained_prints.update(prints)
+        self._seen.update(prints)
+        previous = self.last_restraint
+        self.last_restraint = {n: figures[n] if n in figures else previous[n]
+                               for n in changed if n in figures or n in previous}
+        return dict(self.last_restraint)
 
     def rollback(self, step: EditStep) -> None:
         """Undo the edit of `step` bit-exactly (needs prune_guard: rollback, which keeps the pre-edit copy)."""
@@ -218,6 +230,7 @@ class EditSession:
         """Write W0 back into every target, bit for bit."""
         self.originals.restore(self.model)
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
+        self._restrained_prints.clear()
 
     @property
     def wants_condition(self) -> bool:
