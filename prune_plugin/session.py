@@ -23,6 +23,7 @@ import pluggy
 import torch
 
 from . import hookspecs
+from .condition import ConditionNumbers
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
 from .restraint import RestraintFigures
@@ -104,6 +105,7 @@ class EditSession:
         self.pm = plugin_manager if plugin_manager is not None else make_plugin_manager()
         self.originals = OriginalWeights("cpu" if config.prune_originals_device == "cpu" else None)
         self.smax = SmaxCache()
+        self.conditions = ConditionNumbers()  # telemetry's cond(W): W0's Gram spectrum kept per matrix
         self.steps: list[EditStep] = []
         self.rank_hints: dict[str, int] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
@@ -234,7 +236,8 @@ class EditSession:
 
     @property
     def wants_condition(self) -> bool:
-        """Condition numbers cost a dense singular-value pass per matrix: only when telemetry records them."""
+        """Condition numbers cost passes over dW (a dense Gram pass when dW is not low-rank) and keep W0's Gram
+        spectrum per matrix: only when telemetry records them."""
         return self.config.prune_telemetry is not None and self.config.prune_telemetry_condition
 
     def timed(self, step: EditStep, what: str) -> "_Timer":

@@ -12,7 +12,6 @@ import torch
 from ..hookspecs import hookimpl
 from ..originals import get_parameter
 from ..restraint import restrain_parameter
-from ..spectrum import condition_number
 
 if TYPE_CHECKING:
     from ..session import EditSession, EditStep, MatrixFigures
@@ -41,7 +40,7 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
                 original = original.to(param.device)
             smax0 = session.smax.get(name, original)
             try:
-                cond_before = condition_number(param) if session.wants_condition else None
+                cond_before = session.conditions.get(name, param, original) if session.wants_condition else None
                 result, wrote = restrain_parameter(
                     param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
                     rank_rule=cfg.prune_rank_rule, rank_hint=session.rank_hints.get(name, 0), write=write,
@@ -50,7 +49,8 @@ def restrain_matrices(session: "EditSession", names: Iterable[str], *, write: bo
                 raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                          "restrained (session.restore() gives back W0)") from None
             session.rank_hints[name] = result.next_rank_hint
-            cond_after = (condition_number(param) if wrote else cond_before) if session.wants_condition else None
+            cond_after = ((session.conditions.get(name, param, original) if wrote else cond_before)
+                          if session.wants_condition else None)
         if result.n_guarded and write:
             warnings.warn(
                 f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "
