@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .restraint import _wide_svd
 from .spectrum import _gram, condition_number
 
 #: Relative accuracy of the estimate; telemetry's figure needs no more.
@@ -190,7 +191,8 @@ def certified_condition_number(
     # What the estimate may leave out of dW: a small share of the bound it has to meet on smin.
     if float(values[0]) <= 0:
         return None, rank_hint  # W0 is singular: no relative accuracy on smin from here
-    budget = rtol * math.sqrt(float(values[0])) / 8
+    # (the final check allows 2 rtol in all: 2 budget / smin here, rtol / 4 for each bisection)
+    budget = rtol * math.sqrt(float(values[0])) / 3
     q = d.new_zeros(small, 0)
     r = d.new_zeros(large, 0)
     missed2 = fro2
@@ -206,12 +208,14 @@ def certified_condition_number(
         qn, _ = torch.linalg.qr(qn - q @ (q.mT @ qn))  # twice is enough (Kahan-Parlett)
         rn = (qn.mT @ d).mT
         q, r = torch.cat([q, qn], 1), torch.cat([r, rn], 1)
-        missed2 = fro2 - float(r.square().sum())
+        previous, missed2 = missed2, fro2 - float(r.square().sum())
         block *= 2
+        if missed2 > 0.9 * previous:
+            break  # more columns hardly help: a full-rank rest (W's rounding, or a dense edit); judged below
     missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
     # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed.
     if r.shape[1]:
-        ur, sr, vrt = torch.linalg.svd(r.mT, full_matrices=False)
+        ur, sr, vrt = _wide_svd(r.mT)
         tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
         keep = int((tail > budget ** 2 / 4).sum())
         if keep < len(sr):
