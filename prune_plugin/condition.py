@@ -176,7 +176,8 @@ def certified_condition_number(
     rank_hint: int = 0, seed: int = 0,
 ) -> tuple[float | None, int]:
     """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and the
-    rank of dW = W - W0 it worked with (a hint for the next call). `spectrum` is gram_spectrum(original)."""
+    rank of dW = W - W0 it worked with (a hint for the next call), -1 when dW is not low-rank. `spectrum` is
+    gram_spectrum(original)."""
     w = weight.detach()
     if w.shape != original.shape:
         raise ValueError(f"weight {tuple(w.shape)} and original {tuple(original.shape)} differ in shape")
@@ -200,7 +201,7 @@ def certified_condition_number(
     while fro2 > 0 and missed2 > max(budget ** 2, _ROUNDOFF * fro2):  # below that, cancellation: measured below
         add = min(block - q.shape[1], limit - q.shape[1])
         if add <= 0:
-            return None, q.shape[1]  # dW is not low-rank enough: the exact route
+            return None, -1  # dW is not low-rank enough: the exact route
         omega = torch.randn(add, large, dtype=d.dtype, device=d.device, generator=generator)
         y = (omega @ d.mT).mT  # d @ omega^T
         y = y - q @ (q.mT @ y)
@@ -212,6 +213,8 @@ def certified_condition_number(
         block *= 2
         if missed2 > 0.9 * previous:
             break  # more columns hardly help: a full-rank rest (W's rounding, or a dense edit); judged below
+    if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
+        return None, -1  # far more of dW outside the basis than the budget allows: not low-rank
     missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
     # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed.
     if r.shape[1]:
@@ -289,6 +292,7 @@ class ConditionNumbers:
         self.min_elements = _ESTIMATE_MIN if min_elements is None else min_elements
         self._spectra: dict[str, GramSpectrum] = {}
         self._ranks: dict[str, int] = {}
+        self._full_rank: set[str] = set()  # matrices whose dW was found full rank (FT): the exact route from then on
         self.estimated = 0  # how many values came from the estimate (the rest from the exact route)
         self.exact = 0
 
@@ -296,12 +300,14 @@ class ConditionNumbers:
         w = weight.detach()
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError("non-finite values in the matrix: it has no condition number")
-        if w.numel() >= self.min_elements and w.ndim == 2:
+        if w.numel() >= self.min_elements and w.ndim == 2 and name not in self._full_rank:
             if name not in self._spectra:
                 self._spectra[name] = gram_spectrum(original.to(w.device))
             value, rank = certified_condition_number(w, original, self._spectra[name],
                                                      rank_hint=self._ranks.get(name, 0))
-            self._ranks[name] = rank
+            if rank < 0:
+                self._full_rank.add(name)  # its edits are dense: no use trying again every call
+            self._ranks[name] = max(rank, 0)
             if value is not None:
                 self.estimated += 1
                 return value
@@ -315,3 +321,4 @@ class ConditionNumbers:
     def clear(self) -> None:
         self._spectra.clear()
         self._ranks.clear()
+        self._full_rank.clear()
