@@ -173,11 +173,13 @@ def _times(original: torch.Tensor, r: torch.Tensor, transposed: bool) -> torch.T
 
 def certified_condition_number(
     weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, *, rtol: float = COND_RTOL,
-    rank_hint: int = 0, seed: int = 0,
-) -> tuple[float | None, int]:
+    basis: torch.Tensor | None = None, seed: int = 0,
+) -> tuple[float | None, torch.Tensor | None]:
     """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and the
-    rank of dW = W - W0 it worked with (a hint for the next call), -1 when dW is not low-rank. `spectrum` is
-    gram_spectrum(original)."""
+    orthonormal basis of dW = W - W0's columns it worked with (its rank = the basis' width), None when dW is not
+    low-rank. `spectrum` is gram_spectrum(original). `basis`, the one a previous call returned for this matrix,
+    starts the range finder: the restrained dW lies in the edited dW's column space, and the next edit adds a few
+    columns to it, so only those cost new passes."""
     w = weight.detach()
     if w.shape != original.shape:
         raise ValueError(f"weight {tuple(w.shape)} and original {tuple(original.shape)} differ in shape")
@@ -191,17 +193,17 @@ def certified_condition_number(
     limit = max(_MIN_BLOCK, int(small * _MAX_BLOCK_FRACTION))
     # What the estimate may leave out of dW: a small share of the bound it has to meet on smin.
     if float(values[0]) <= 0:
-        return None, rank_hint  # W0 is singular: no relative accuracy on smin from here
+        return None, None  # W0 is singular: no relative accuracy on smin from here
     # (the final check allows 2 rtol in all: 2 budget / smin here, rtol / 4 for each bisection)
     budget = rtol * math.sqrt(float(values[0])) / 3
-    q = d.new_zeros(small, 0)
-    r = d.new_zeros(large, 0)
-    missed2 = fro2
-    block = max(rank_hint + _OVERSAMPLE, _MIN_BLOCK)
+    q = d.new_zeros(small, 0) if basis is None or basis.shape[0] != small else basis.to(d)
+    r = (q.mT @ d).mT
+    missed2 = fro2 - float(r.square().sum())
+    block = q.shape[1] + max(_OVERSAMPLE, _MIN_BLOCK - q.shape[1])
     while fro2 > 0 and missed2 > max(budget ** 2, _ROUNDOFF * fro2):  # below that, cancellation: measured below
         add = min(block - q.shape[1], limit - q.shape[1])
         if add <= 0:
-            return None, -1  # dW is not low-rank enough: the exact route
+            return None, None  # dW is not low-rank enough: the exact route
         omega = torch.randn(add, large, dtype=d.dtype, device=d.device, generator=generator)
         y = (omega @ d.mT).mT  # d @ omega^T
         y = y - q @ (q.mT @ y)
@@ -214,7 +216,7 @@ def certified_condition_number(
         if missed2 > 0.9 * previous:
             break  # more columns hardly help: a full-rank rest (W's rounding, or a dense edit); judged below
     if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
-        return None, -1  # far more of dW outside the basis than the budget allows: not low-rank
+        return None, None  # far more of dW outside the basis than the budget allows: not low-rank
     missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
     # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed.
     if r.shape[1]:
@@ -267,7 +269,7 @@ def certified_condition_number(
     low = _bracket(slicer, max(v[0] + min(c_min, 0.0), 0.0), low_hi, 0, lam_rtol)
     high = _bracket(slicer, high_lo, v[5] + max(c_max, 0.0), small - 1, lam_rtol)
     if low is None or high is None:
-        return None, rank
+        return None, q
 
     def certified(missed: float) -> float | None:
         smin_lo = math.sqrt(max(low[0] - error, 0.0)) - missed
@@ -281,7 +283,7 @@ def certified_condition_number(
     value = certified(missed)
     if value is None and rank and not measured and certified(0.0) is not None:
         value = certified(measured_miss())  # smin(W) well below smin(W0): the miss measured, not bounded
-    return value, rank
+    return value, q
 
 
 class ConditionNumbers:
@@ -291,7 +293,7 @@ class ConditionNumbers:
     def __init__(self, min_elements: int | None = None) -> None:
         self.min_elements = _ESTIMATE_MIN if min_elements is None else min_elements
         self._spectra: dict[str, GramSpectrum] = {}
-        self._ranks: dict[str, int] = {}
+        self._bases: dict[str, torch.Tensor] = {}
         self._full_rank: set[str] = set()  # matrices whose dW was found full rank (FT): the exact route from then on
         self.estimated = 0  # how many values came from the estimate (the rest from the exact route)
         self.exact = 0
@@ -303,11 +305,13 @@ class ConditionNumbers:
         if w.numel() >= self.min_elements and w.ndim == 2 and name not in self._full_rank:
             if name not in self._spectra:
                 self._spectra[name] = gram_spectrum(original.to(w.device))
-            value, rank = certified_condition_number(w, original, self._spectra[name],
-                                                     rank_hint=self._ranks.get(name, 0))
-            if rank < 0:
-                self._full_rank.add(name)  # its edits are dense: no use trying again every call
-            self._ranks[name] = max(rank, 0)
+            value, basis = certified_condition_number(w, original, self._spectra[name],
+                                                      basis=self._bases.get(name))
+            if basis is None:
+                self._full_rank.add(name)  # its edits are dense (or W0 singular): no use trying again every call
+                self._bases.pop(name, None)
+            else:
+                self._bases[name] = basis
             if value is not None:
                 self.estimated += 1
                 return value
@@ -320,5 +324,5 @@ class ConditionNumbers:
 
     def clear(self) -> None:
         self._spectra.clear()
-        self._ranks.clear()
+        self._bases.clear()
         self._full_rank.clear()
