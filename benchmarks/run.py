@@ -22,6 +22,7 @@ from pathlib import Path
 BENCHMARKS = {
     "restraint": "benchmarks.bench_restraint",
     "spectrum": "benchmarks.bench_spectrum",
+    "condition": "benchmarks.bench_condition",
     "memory": "benchmarks.bench_memory",
     "sequential": "benchmarks.bench_sequential",
     "perplexity": "benchmarks.bench_perplexity",

@@ -277,15 +277,26 @@ def deflated_norm_bound(
 
 def _refine_top(
     d: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor, threshold: float, lipschitz: float,
-    accuracy: float, steps: int = _REFINE_STEPS,
+    accuracy: float, missed: float | None = None, steps: int = _REFINE_STEPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The k triplets made accurate by subspace iteration on them alone (k-column passes, no longer the whole
     block), or None when that does not reach the accuracy in `steps` steps. Used once the count is certified:
-    Ritz values of d stay lower bounds of its singular values, so they must stay >= threshold."""
+    Ritz values of d stay lower bounds of its singular values, so they must stay >= threshold.
+
+    `missed` (a bound on ||E||_F, E = d - Q Q^T d, for the block Q the triplets came from) allows a one-sided
+    correction without a further pass: as Q^T E = 0, d^T d = B^T B + E^T E, so the right Ritz vectors V_k are off
+    by O(||E||^2) only. The SVD y = d V_k = U' S' W'^T gives triplets (U', S', V_k W') with d V' = U' S' exactly
+    and d^T U' - V' S' = (I - V_k V_k^T) E^T E V_k W' S'^-1, of norm at most missed ||E V_k||_F / s'_k, where
+    E V_k = y - U_k S_k: the first-order error the first check measures becomes second order."""
     y = _apply_right(d, vt)
     for step in range(steps + 1):
-        if lipschitz * float((y - u * s).norm()) <= accuracy / 2:
+        residual = float((y - u * s).norm())
+        if lipschitz * residual <= accuracy / 2:
             return u, s, vt
+        if step == 0 and missed is not None:
+            uy, sy, wt = torch.linalg.svd(y, full_matrices=False)
+            if float(sy[-1]) >= threshold and lipschitz * missed * residual / float(sy[-1]) <= accuracy / 2:
+                return uy, sy, wt @ vt
         if step == steps:
             return None
         q, _ = torch.linalg.qr(y)
@@ -344,11 +355,13 @@ def _top_triplets(
         # most the residuals of the k restrained triplets (a k-column pass).
         missed = math.sqrt(max(fro2 - float(s.square().sum()), 0.0) + _ROUNDOFF * fro2)
         if max(below, missed) + missed < threshold:
+            # The next block need only hold d's numerical rank (what it captured above the miss) and the margin.
+            captured = min(block, int((s > missed).sum()) + _OVERSAMPLE)
             if lipschitz * missed <= accuracy / 2:
-                return q @ ub[:, :k], s[:k], vt[:k], top, block
-            refined = _refine_top(d, q @ ub[:, :k], s[:k], vt[:k], threshold, lipschitz, accuracy)
+                return q @ ub[:, :k], s[:k], vt[:k], top, captured
+            refined = _refine_top(d, q @ ub[:, :k], s[:k], vt[:k], threshold, lipschitz, accuracy, missed)
             if refined is not None:
-                return (*refined, top, block)
+                return (*refined, top, captured)
         y = _apply_right(d, vt)  # d V = d d^T U S^-1: the residuals now, and the next subspace iterate
         ritz_u = q @ ub
         r = y - ritz_u * s

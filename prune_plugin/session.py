@@ -25,11 +25,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import pluggy
 import torch
 
+from .condition import ConditionNumbers
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
 from .restraint import restrain_parameter
 from .seeding import seed_everything
-from .spectrum import MatrixFigures, SmaxCache, condition_number
+from .spectrum import MatrixFigures, SmaxCache
 
 LOG = logging.getLogger("prune_plugin")
 
@@ -82,12 +83,14 @@ class EditSession:
         self.pm = plugin_manager  # built by the caller (prune_plugin.plugins.make_plugin_manager): the session imports no plugin
         self.originals = OriginalWeights("cpu" if config.prune_originals_device == "cpu" else None)
         self.smax = SmaxCache()
+        self.conditions = ConditionNumbers()  # telemetry's cond(W): W0's Gram spectrum kept per matrix
         self.steps: list[EditStep] = []
         self.rank_hints: dict[str, int] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
-        # Condition numbers cost a dense singular-value pass per matrix: measured only for a plugin that records
-        # them (telemetry switches this on)
+        # Condition numbers cost passes over dW (a dense Gram pass when dW is not low-rank) and keep W0's Gram
+        # spectrum per matrix: measured only for a plugin that records them (telemetry switches this on)
         self.measure_condition = False
+        self._restrained_prints: dict[str, tuple[int, int]] = {}  # each matrix as restrain_now() last left it
         self._seen: dict[str, tuple[int, int]] = {}
         self._original_prints: dict[str, tuple[int, int]] = {}  # fingerprints of W0, taken on each weight's device
         self._pre_edit: dict[str, torch.Tensor] | None = None
@@ -153,6 +156,7 @@ class EditSession:
         self.first_index = index
         self.rank_hints.update(dict(rank_hints))
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
+        self._restrained_prints.clear()  # the matrices are the checkpoint's now, restrained or not
 
     # -- queries and actions -----------------------------------------------------------------------------------
     @property
@@ -196,7 +200,7 @@ class EditSession:
                     original = original.to(param.device)
                 smax0 = self.smax.get(name, original)
                 try:
-                    cond_before = condition_number(param) if self.measure_condition else None
+                    cond_before = self.conditions.get(name, param, original) if self.measure_condition else None
                     result, wrote = restrain_parameter(
                         param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
                         rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0), write=write,
@@ -205,7 +209,8 @@ class EditSession:
                     raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                              "restrained (session.restore() gives back W0)") from None
                 self.rank_hints[name] = result.next_rank_hint
-                cond_after = (condition_number(param) if wrote else cond_before) if self.measure_condition else None
+                cond_after = ((self.conditions.get(name, param, original) if wrote else cond_before)
+                              if self.measure_condition else None)
             if result.n_guarded and write:
                 warnings.warn(
                     f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "
@@ -220,12 +225,22 @@ class EditSession:
         return figures
 
     def restrain_now(self) -> dict[str, MatrixFigures]:
-        """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode."""
+        """Apply the PRUNE restraint to every matrix that differs from W0, now, whatever the mode.
+
+        A matrix still as the previous restrain_now() left it is not restrained again (F is not idempotent: a second
+        pass would restrain the restrained values once more), so restrain_now() then end() in 'final' mode restrains
+        once; its figures are the previous ones. Returns the figures of every matrix that differs from W0."""
         self.begin()
-        figures = self.restrain_matrices(self.changed_from_original())
-        self.last_restraint = figures
-        self._seen.update({n: fingerprint(get_parameter(self.model, n)) for n in figures})
-        return figures
+        changed = self.changed_from_original()
+        pending = [n for n in changed if self._restrained_prints.get(n) != fingerprint(get_parameter(self.model, n))]
+        figures = self.restrain_matrices(pending)
+        prints = {n: fingerprint(get_parameter(self.model, n)) for n in figures}
+        self._restrained_prints.update(prints)
+        self._seen.update(prints)
+        previous = self.last_restraint
+        self.last_restraint = {n: figures[n] if n in figures else previous[n]
+                               for n in changed if n in figures or n in previous}
+        return dict(self.last_restraint)
 
     def rollback(self, step: EditStep) -> None:
         """Undo the edit of `step` bit-exactly (needs prune_guard: rollback, which keeps the pre-edit copy)."""
@@ -240,6 +255,7 @@ class EditSession:
         """Write W0 back into every target, bit for bit."""
         self.originals.restore(self.model)
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
+        self._restrained_prints.clear()
 
     def timed(self, step: EditStep, what: str) -> "_Timer":
         return _Timer(step, what)

@@ -15,7 +15,7 @@ PACKAGE = "prune_plugin"
 
 #: The numerical and file-format core: imports nothing of the package outside this set.
 CORE = {"restraint", "spectrum", "config", "originals", "seeding", "perplexity", "checkpoint", "datasets", "models",
-        "switches", "hashing"}
+        "switches", "hashing", "condition"}
 #: The hook contract and the session that drives it: import the core (and each other), no plugin, no integration.
 CONTRACT = {"hookspecs", "session"}
 #: Hook implementations: import the contract and the core, never another plugin or an integration.

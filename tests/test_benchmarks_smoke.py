@@ -27,10 +27,10 @@ def smoke(tmp_path_factory):
 @requires_easyeditor  # the smoke run includes real ROME edits through easyeditor
 def test_smoke_runs_every_benchmark_and_prints_its_table(smoke):
     results, stdout = smoke
-    assert set(results["benchmarks"]) == {"restraint", "spectrum", "memory", "sequential", "perplexity",
+    assert set(results["benchmarks"]) == {"restraint", "spectrum", "condition", "memory", "sequential", "perplexity",
                                           "rome_overhead", "generation", "checkpoint"}
     assert results["machine"]["threads"] == 1
-    for title in ("Restraint cost per matrix", "smax(W0)", "Memory per edited matrix", "sequence of rank-one edits",
+    for title in ("Restraint cost per matrix", "smax(W0)", "Condition numbers for telemetry", "Memory per edited matrix", "sequence of rank-one edits",
                   "perplexity scoring throughput", "ROME per-edit overhead", "prune_general generation throughput",
                   "Checkpoint cost", "Online restraint per edit along a long run"):
         assert title in stdout

@@ -133,6 +133,52 @@ def test_restrain_now_applies_the_restraint_whatever_the_mode(model):
     assert figures[TARGET].restrained
 
 
+def final_mode_sequence(model, n_edits: int, explicit_restraint: bool) -> EditSession:
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
+    for i in range(n_edits):
+        session.before_edit()
+        rank_one_edit(model, seed=i)
+        session.after_edit({})
+    if explicit_restraint:
+        session.restrain_now()
+    session.end()
+    return session
+
+
+def test_restrain_now_then_end_in_final_mode_restrains_once(model, monkeypatch):
+    from prune_plugin import session as session_module
+
+    restrained = []
+    original = session_module.restrain_parameter
+    monkeypatch.setattr(session_module, "restrain_parameter",
+                        lambda *a, **k: restrained.append(1) or original(*a, **k))
+    final_mode_sequence(model, 2, explicit_restraint=True)
+    assert len(restrained) == 1
+    once = tiny_llama()[0]
+    session = final_mode_sequence(once, 2, explicit_restraint=False)
+    assert session.last_restraint[TARGET].n_restrained > 0  # F really changed something: twice would differ
+    assert torch.equal(model.get_parameter(TARGET), once.get_parameter(TARGET))
+
+
+def test_restrain_now_restrains_again_after_a_further_edit(model):
+    session = edit_session(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
+    session.before_edit()
+    rank_one_edit(model, seed=0)
+    session.after_edit({})
+    first = session.restrain_now()[TARGET]
+    assert session.restrain_now()[TARGET] is first  # nothing changed since: the same figures, no second pass
+    session.before_edit()
+    rank_one_edit(model, seed=1)
+    session.after_edit({})
+    second = session.restrain_now()[TARGET]
+    assert second is not first and second.restrained
+    session.restore()
+    session.before_edit()
+    rank_one_edit(model, seed=0)  # W0 + the first edit again, bit for bit: restrained afresh after restore()
+    session.after_edit({})
+    assert session.restrain_now()[TARGET] is not first
+
+
 def test_unknown_target_is_a_clear_error(model):
     with pytest.raises(KeyError, match="model.layers.9.mlp"):
         edit_session(model, PruneConfig(prune=True), ["model.layers.9.mlp.down_proj.weight"])

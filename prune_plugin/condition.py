@@ -1,0 +1,344 @@
+"""cond(W) of an edited matrix W = W0 + dW at a fraction of a dense pass, certified, with the exact route as fallback.
+
+Telemetry records cond(W) before and after each restraint. The exact route (spectrum.condition_number) forms the
+Gram matrix of W, m^2 n flops, every time. Here the eigendecomposition G0 = V0 L0 V0^T of W0's Gram matrix (on the
+smaller side) is computed once per matrix and kept; an edit then costs passes over dW of its rank only:
+
+1. A basis Q of dW's column space by a randomized range finder, and dW ~ Q R^T with R = dW^T Q. What it misses,
+   E = dW - Q R^T, is known exactly in Frobenius norm (||dW||_F^2 - ||R||_F^2), and by Weyl every singular value of
+   W is within ||E||_2 <= ||E||_F of the same singular value of W' = W0 + Q R^T.
+2. W' W'^T = G0 + X Q^T + Q X^T + Q R^T R Q^T with X = W0 R: G0 plus a symmetric update of rank 2r, compressed to
+   U diag(c) U^T (U orthonormal).
+3. Sylvester's law of inertia counts the eigenvalues of G' = L0 + U~ diag(c) U~^T (U~ = V0^T U) below any shift t
+   exactly, from a 2r x 2r matrix (Haynsworth): #{lambda(G') < t} = #{L0 < t} + n_pos(H(t)) - #{c > 0}, with
+   H(t) = diag(1/c) + U~^T diag(1/(L0 - t)) U~. Bisection on that count brackets lambda_min(G') and lambda_max(G').
+4. The brackets, widened by the float64 error of G0's eigendecomposition and of the update (Weyl) and by ||E||_F,
+   bound cond(W) from both sides; the estimate is returned when the two bounds are within 2 rtol of each other
+   (so it is within rtol of the exact value), otherwise None and the caller takes the exact route. A sign of H(t)
+   too close to zero to trust, a full-rank dW (the basis would need more than _MAX_BLOCK_FRACTION of the smaller
+   side) or a nearly singular W all end in None.
+
+Extra memory kept per matrix: V0 and L0, 8 s^2 + 8 s bytes for the smaller side s (128 MiB at 4096x11008); while
+it runs, one float64 copy of dW (8 m n bytes, like the restraint) and a few s x 2r and n x r blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .restraint import _wide_svd
+from .spectrum import _gram, condition_number
+
+#: Relative accuracy of the estimate; telemetry's figure needs no more.
+COND_RTOL = 1e-3
+#: From this many elements ConditionNumbers tries the estimate (below, the exact route costs about as little:
+#: 60 ms at 576x1536).
+_ESTIMATE_MIN = 1 << 22
+#: The range finder gives up (and the exact route runs) beyond this share of the smaller side.
+_MAX_BLOCK_FRACTION = 1 / 16
+_OVERSAMPLE = 8
+_MIN_BLOCK = 16
+_EPS = torch.finfo(torch.float64).eps
+#: Relative float64 round-off allowed for in ||dW||_F^2 - ||R||_F^2 (a difference of two accumulated sums).
+_ROUNDOFF = 1e-13
+#: An eigenvalue of H(t) below _SIGN_TOL (s + 2r) times its entries' scale has an untrusted sign (16 eps).
+_SIGN_TOL = 16 * _EPS
+_BISECTIONS = 80
+
+
+@dataclass
+class GramSpectrum:
+    """W0's Gram matrix on its smaller side as V0 diag(values) V0^T (float64), and a bound on the error of that."""
+
+    values: torch.Tensor  # ascending
+    vectors: torch.Tensor
+    transposed: bool  # the Gram matrix is W0^T W0 (W0 taller than wide)
+    error: float  # bound on ||V0 diag(values) V0^T - W0 W0^T||_2 (formation and eigendecomposition round-off)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.vectors.numel() * self.vectors.element_size()
+
+
+def gram_spectrum(original: torch.Tensor) -> GramSpectrum:
+    """The eigendecomposition of W0's smaller-side Gram matrix (m^2 n + one eigh, once per matrix)."""
+    w = original.detach()
+    transposed = w.shape[0] > w.shape[1]
+    small, large = sorted(w.shape)
+    values, vectors = torch.linalg.eigh(_gram(w))
+    top = float(values.abs().max()) if values.numel() else 0.0
+    # Forming the Gram matrix (sums of `large` products) and eigh (backward stable) each leave errors of a few
+    # (dimension x eps x ||G||); counted generously, as 16 (small + large) eps ||G||.
+    return GramSpectrum(values, vectors, transposed, 16 * (small + large) * _EPS * top)
+
+
+class _Slicer:
+    """Counts the eigenvalues of L0 + U~ diag(c) U~^T below a shift t (Sylvester's inertia, module docstring)."""
+
+    def __init__(self, values: torch.Tensor, u_tilde: torch.Tensor, c: torch.Tensor) -> None:
+        self.values, self.u, self.c = values, u_tilde, c
+        self.inv_c = torch.diag(1.0 / c)
+        self.n_pos_c = int((c > 0).sum())
+        self.size = values.numel()
+
+    def count(self, t: float) -> int | None:
+        """#{eigenvalues < t}, or None when the computation cannot tell (t on a pole, or a sign too close to 0)."""
+        gap = self.values - t
+        if float(gap.abs().min()) <= 1e-13 * abs(t):  # on a pole (t = 0 is never one: L0 > 0 is required)
+            return None
+        below = int((gap < 0).sum())
+        if self.c.numel() == 0:
+            return below
+        h = self.inv_c + (self.u / gap.unsqueeze(1)).mT @ self.u
+        eig = torch.linalg.eigvalsh(h)
+        # Round-off in H (and in U~ and L0 before it) is a few (s + 2r) eps times the largest diagonal of
+        # |diag(1/c)| + U~^T |diag(1/gap)| U~, which bounds every entry's sum of magnitudes.
+        scale = float((self.inv_c.diagonal().abs() + (self.u.square() / gap.abs().unsqueeze(1)).sum(0)).max())
+        if float(eig.abs().min()) <= _SIGN_TOL * (self.size + self.c.numel()) * scale:
+            return None
+        return below + int((eig > 0).sum()) - self.n_pos_c
+
+    def robust_count(self, t: float) -> tuple[float, int] | None:
+        """(t', count(t')) for t' = t or t nudged by up to 1e-6 relative, off a pole or an untrusted sign."""
+        for nudge in (0.0, 1e-7, -1e-7, 1e-6, -1e-6):
+            shifted = t * (1 + nudge) if t != 0 else nudge
+            n = self.count(shifted)
+            if n is not None:
+                return shifted, n
+        return None
+
+
+def _bracket(slicer: _Slicer, lo: float, hi: float, index: int, rtol: float) -> tuple[float, float] | None:
+    """[lo, hi] with #{eig < lo} <= index < #{eig < hi}, i.e. the (index+1)-th smallest eigenvalue in [lo, hi],
+    narrowed by bisection to hi <= lo (1 + rtol); None when a count is not reliable or a bound does not hold."""
+    start = slicer.robust_count(lo * (1 - 1e-9))  # widened off the poles the bounds often sit on
+    end = slicer.robust_count(hi * (1 + 1e-9))
+    if start is None or end is None:
+        return None
+    (lo, n_lo), (hi, n_hi) = start, end
+    if not (n_lo <= index < n_hi):
+        return None
+    for _ in range(_BISECTIONS):
+        if hi <= lo * (1 + rtol):
+            return lo, hi
+        mid = math.sqrt(lo * hi) if lo > 0.25 * hi else 0.5 * (lo + hi)
+        probe = slicer.robust_count(mid)
+        if probe is None:
+            return None
+        mid, n = probe
+        if n <= index:
+            lo = mid
+        else:
+            hi = mid
+    return None
+
+
+def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return t.mT if transposed else t
+
+
+#: Rows converted to float64 at a time (about 16 MiB), so that no float64 copy of W or W0 is made.
+_BLOCK_ELEMENTS = 1 << 21
+
+
+def _difference(weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """W - W0 in float64, formed in row blocks (W0 may live on another device)."""
+    m, n = weight.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    d = torch.empty((m, n), dtype=torch.float64, device=weight.device)
+    for start in range(0, m, rows):
+        block = d[start:start + rows]
+        block.copy_(weight[start:start + rows])
+        block.sub_(original[start:start + rows].to(weight.device).to(torch.float64))
+    return d
+
+
+def _times(original: torch.Tensor, r: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """oriented(W0) @ r in float64, from row blocks of W0 converted one at a time."""
+    m, n = original.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    if transposed:  # W0^T r = sum over row blocks of W0[blk]^T r[blk]
+        out = r.new_zeros(n, r.shape[1])
+        for start in range(0, m, rows):
+            out.addmm_(original[start:start + rows].to(r.device).to(torch.float64).mT, r[start:start + rows])
+        return out
+    out = r.new_empty(m, r.shape[1])
+    for start in range(0, m, rows):
+        block = original[start:start + rows].to(r.device).to(torch.float64)
+        out[start:start + rows] = (r.mT @ block.mT).mT
+    return out
+
+
+def certified_condition_number(
+    weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, *, rtol: float = COND_RTOL,
+    basis: torch.Tensor | None = None, seed: int = 0,
+) -> tuple[float | None, torch.Tensor | None]:
+    """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and the
+    orthonormal basis of dW = W - W0's columns it worked with (its rank = the basis' width), None when dW is not
+    low-rank. `spectrum` is gram_spectrum(original). `basis`, the one a previous call returned for this matrix,
+    starts the range finder: the restrained dW lies in the edited dW's column space, and the next edit adds a few
+    columns to it, so only those cost new passes."""
+    w = weight.detach()
+    if w.shape != original.shape:
+        raise ValueError(f"weight {tuple(w.shape)} and original {tuple(original.shape)} differ in shape")
+    d = _oriented(_difference(w, original.detach()), spectrum.transposed)
+    small, large = d.shape
+    fro2 = float(torch.linalg.vector_norm(d)) ** 2
+    if not math.isfinite(fro2):
+        raise FloatingPointError("non-finite values in the matrix: it has no condition number")
+    values, vectors = spectrum.values.to(w.device), spectrum.vectors.to(w.device)
+    generator = torch.Generator(device=w.device).manual_seed(seed)
+    limit = max(_MIN_BLOCK, int(small * _MAX_BLOCK_FRACTION))
+    # What the estimate may leave out of dW: a small share of the bound it has to meet on smin.
+    if float(values[0]) <= 0:
+        return None, None  # W0 is singular: no relative accuracy on smin from here
+    # (the final check allows 2 rtol in all: 2 budget / smin here, rtol / 4 for each bisection)
+    budget = rtol * math.sqrt(float(values[0])) / 3
+    q = d.new_zeros(small, 0) if basis is None or basis.shape[0] != small else basis.to(d)
+    r = (q.mT @ d).mT
+    missed2 = fro2 - float(r.square().sum())
+    block = q.shape[1] + max(_OVERSAMPLE, _MIN_BLOCK - q.shape[1])
+    while fro2 > 0 and missed2 > max(budget ** 2, _ROUNDOFF * fro2):  # below that, cancellation: measured below
+        add = min(block - q.shape[1], limit - q.shape[1])
+        if add <= 0:
+            return None, None  # dW is not low-rank enough: the exact route
+        omega = torch.randn(add, large, dtype=d.dtype, device=d.device, generator=generator)
+        y = (omega @ d.mT).mT  # d @ omega^T
+        y = y - q @ (q.mT @ y)
+        qn, _ = torch.linalg.qr(y)
+        qn, _ = torch.linalg.qr(qn - q @ (q.mT @ qn))  # twice is enough (Kahan-Parlett)
+        rn = (qn.mT @ d).mT
+        q, r = torch.cat([q, qn], 1), torch.cat([r, rn], 1)
+        previous, missed2 = missed2, fro2 - float(r.square().sum())
+        block *= 2
+        if missed2 > 0.9 * previous:
+            break  # more columns hardly help: a full-rank rest (W's rounding, or a dense edit); judged below
+    if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
+        return None, None  # far more of dW outside the basis than the budget allows: not low-rank
+    missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
+    # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed.
+    if r.shape[1]:
+        ur, sr, vrt = _wide_svd(r.mT)
+        tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
+        keep = int((tail > budget ** 2 / 4).sum())
+        if keep < len(sr):
+            missed2 += float(tail[keep])
+        q, sr, r = q @ ur[:, :keep], sr[:keep], vrt[:keep].mT * sr[:keep]
+    rank = q.shape[1]
+
+    def measured_miss() -> float:
+        # ||dW - Q R^T||_F itself (one more pass), with the round-off of computing it: the difference of the
+        # two sums above is too coarse next to a large dW.
+        rows = max(1, _BLOCK_ELEMENTS // max(large, 1))
+        direct2 = sum(float(torch.linalg.vector_norm(d[i:i + rows] - q[i:i + rows] @ r.mT)) ** 2
+                      for i in range(0, small, rows))
+        return math.sqrt(direct2) + 8 * _EPS * math.sqrt(large * fro2)
+
+    measured = rank > 0 and missed2 > budget ** 2
+    missed = measured_miss() if measured else math.sqrt(missed2)
+    if rank:
+        x = _times(original.detach(), r, spectrum.transposed)  # X = W0 R
+        z, rz = torch.linalg.qr(torch.cat([q, x], 1))
+        middle = torch.zeros(2 * rank, 2 * rank, dtype=torch.float64, device=w.device)
+        middle[:rank, :rank] = torch.diag(sr.square())
+        middle[:rank, rank:] = torch.eye(rank, dtype=torch.float64, device=w.device)
+        middle[rank:, :rank] = torch.eye(rank, dtype=torch.float64, device=w.device)
+        c, ec = torch.linalg.eigh(rz @ middle @ rz.mT)
+        c_top = float(c.abs().max())
+        keep_c = c.abs() > 1e-12 * c_top
+        update_error = 16 * (small + large) * _EPS * c_top + float(c[~keep_c].abs().sum())
+        c, u_tilde = c[keep_c], vectors.mT @ (z @ ec[:, keep_c])
+    else:
+        c = values.new_zeros(0)
+        u_tilde = values.new_zeros(small, 0)
+        update_error = 0.0
+    slicer = _Slicer(values, u_tilde, c)
+    error = spectrum.error + update_error
+    n_pos, n_neg = int((c > 0).sum()), int((c < 0).sum())
+    c_max, c_min = (float(c.max()), float(c.min())) if c.numel() else (0.0, 0.0)
+    # Brackets from Weyl and interlacing (a rank-p update with p+ positive and p- negative values moves the
+    # smallest eigenvalue at most to L0[p+] and the largest at least to L0[s - 1 - p-]); an inner end sits halfway
+    # to the next eigenvalue of W0 (off the pole, where H(t)'s signs are easiest to trust).
+    lam_rtol = rtol / 4
+    v = [float(x) for x in values[[0, min(n_pos, small - 1), min(n_pos + 1, small - 1), max(small - 2 - n_neg, 0),
+                                   max(small - 1 - n_neg, 0), small - 1]]]
+    low_hi = 0.5 * (v[1] + v[2]) if n_pos + 1 < small else v[5] + max(c_max, 0.0)
+    high_lo = 0.5 * (v[3] + v[4]) if n_neg + 1 < small else max(v[0] + min(c_min, 0.0), 0.0)
+    low = _bracket(slicer, max(v[0] + min(c_min, 0.0), 0.0), low_hi, 0, lam_rtol)
+    high = _bracket(slicer, high_lo, v[5] + max(c_max, 0.0), small - 1, lam_rtol)
+    if low is None or high is None:
+        return None, q
+
+    def certified(missed: float) -> float | None:
+        smin_lo = math.sqrt(max(low[0] - error, 0.0)) - missed
+        smax_lo = math.sqrt(max(high[0] - error, 0.0)) - missed
+        if smin_lo <= 0 or smax_lo <= 0:
+            return None
+        cond_lo = smax_lo / (math.sqrt(low[1] + error) + missed)
+        cond_hi = (math.sqrt(high[1] + error) + missed) / smin_lo
+        return math.sqrt(cond_lo * cond_hi) if cond_hi <= cond_lo * (1 + 2 * rtol) else None
+
+    value = certified(missed)
+    if value is None and rank and not measured and certified(0.0) is not None:
+        value = certified(measured_miss())  # smin(W) well below smin(W0): the miss measured, not bounded
+    return value, q
+
+
+class ConditionNumbers:
+    """cond(W) of edited matrices, by name: the certified estimate from W0's kept Gram spectrum for large matrices,
+    the exact route (spectrum.condition_number) for small ones and whenever the estimate cannot certify itself."""
+
+    def __init__(self, min_elements: int | None = None) -> None:
+        self.min_elements = _ESTIMATE_MIN if min_elements is None else min_elements
+        self._spectra: dict[str, GramSpectrum] = {}
+        self._bases: dict[str, torch.Tensor] = {}
+        self._full_rank: set[str] = set()  # matrices whose dW was found full rank (FT): the exact route from then on
+        self.estimated = 0  # how many values came from the estimate (the rest from the exact route)
+        self.exact = 0
+
+    def get(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> float:
+        w = weight.detach()
+        if not bool(torch.isfinite(w).all()):
+            raise FloatingPointError("non-finite values in the matrix: it has no condition number")
+        if w.numel() >= self.min_elements and w.ndim == 2 and name not in self._full_rank:
+            if name not in self._spectra:
+                self._spectra[name] = gram_spectrum(original.to(w.device))
+            value, basis = certified_condition_number(w, original, self._spectra[name],
+                                                      basis=self._bases.get(name))
+            if basis is None:
+                self._full_rank.add(name)  # its edits are dense (or W0 singular): no use trying again every call
+                self._bases.pop(name, None)
+            else:
+                self._bases[name] = basis
+            if value is not None:
+                self.estimated += 1
+                return value
+        self.exact += 1
+        return condition_number(w)
+
+    def keep_spectrum(self, name: str, spectrum: GramSpectrum) -> None:
+        """Use `spectrum` as W0's Gram spectrum for `name` (computed once elsewhere, e.g. for several sessions)."""
+        self._spectra[name] = spectrum
+
+    def basis(self, name: str) -> torch.Tensor | None:
+        """The basis of dW's columns the latest estimate for `name` found (the next estimate starts from it)."""
+        return self._bases.get(name)
+
+    def start_afresh(self, name: str, basis: torch.Tensor | None = None) -> None:
+        """Forget what earlier calls learned about `name`'s dW (its basis, a full-rank verdict), and start the next
+        estimate from `basis` if given."""
+        self._full_rank.discard(name)
+        self._bases.pop(name, None)
+        if basis is not None:
+            self._bases[name] = basis
+
+    def nbytes(self) -> int:
+        """Bytes kept between calls (the Gram spectra of W0)."""
+        return sum(s.nbytes for s in self._spectra.values())
+
+    def clear(self) -> None:
+        self._spectra.clear()
+        self._bases.clear()
+        self._full_rank.clear()

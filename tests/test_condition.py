@@ -1,0 +1,168 @@
+"""Telemetry's cond(W) from W0's kept Gram spectrum and a low-rank dW, against a float64 SVD of W on fresh inputs.
+
+The estimate must be within 1e-3 relative of the exact value whenever it returns one, must return one for the
+low-rank edits it is built for (well- and ill-conditioned W0, wide and tall, float32 and float64 weights), and must
+decline (None: the exact route runs) where it cannot certify itself: a full-rank dW, a nearly singular W.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prune_plugin import condition
+from prune_plugin.condition import ConditionNumbers, certified_condition_number, gram_spectrum
+from prune_plugin.config import PruneConfig
+from prune_plugin.plugins.telemetry import read_telemetry
+from prune_plugin.plugins import edit_session
+
+
+def exact_condition(w: torch.Tensor) -> float:
+    s = torch.linalg.svdvals(w.detach().double())
+    return float(s[0] / s[-1])
+
+
+def random_original(g, m, n, kappa):
+    """W0 with singular values log-spaced from 10 down to 10 / kappa (random singular vectors)."""
+    p = min(m, n)
+    a = torch.linalg.qr(torch.randn(m, p, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(n, p, generator=g, dtype=torch.float64))[0]
+    return (a * torch.logspace(1, 1 - math.log10(kappa), p, dtype=torch.float64)) @ b.mT
+
+
+def low_rank_delta(g, m, n, rank, strength):
+    a = torch.randn(m, rank, generator=g, dtype=torch.float64)
+    b = torch.randn(rank, n, generator=g, dtype=torch.float64)
+    scales = strength * torch.logspace(0, -1, rank, dtype=torch.float64)
+    return (a / a.norm(dim=0) * scales) @ (b / b.norm(dim=1, keepdim=True))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.sampled_from([(120, 300), (300, 120), (200, 200)]),
+    kappa=st.sampled_from([3.0, 30.0, 300.0]),
+    rank=st.integers(1, 6),
+    strength=st.sampled_from([0.05, 1.0, 30.0]),  # x smax(W0) / 10: below, near and far above the spectrum
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_the_estimate_is_certified_within_1e_3_of_a_float64_svd(seed, shape, kappa, rank, strength, dtype):
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    w0 = random_original(g, m, n, kappa).to(dtype)
+    w = (w0.double() + low_rank_delta(g, m, n, rank, strength * 10)).to(dtype)
+    estimate, basis = certified_condition_number(w, w0, gram_spectrum(w0))
+    s = torch.linalg.svdvals(w.double())
+    exact = float(s[0] / s[-1])
+    # It must certify when W is well conditioned and W's own rounding (full rank: no low-rank basis holds it) is
+    # far below smin(W); beyond that it may decline, never be wrong.
+    rounding = torch.finfo(dtype).eps * float(w.double().norm())
+    if exact <= 1e3 and rounding <= 1e-5 * float(s[-1]):
+        assert estimate is not None, f"no certificate (exact cond {exact:.4g})"
+        assert basis.shape[1] == rank  # dW's rank, its float32 rounding left out
+    if estimate is not None:
+        assert math.isfinite(estimate)
+        assert abs(estimate / exact - 1) <= 1e-3
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["wide", "tall"])
+def test_an_unedited_matrix_gives_cond_of_w0(transposed):
+    g = torch.Generator().manual_seed(3)
+    w0 = random_original(g, 80, 150, 20.0).float()
+    w0 = w0.mT.contiguous() if transposed else w0
+    estimate, basis = certified_condition_number(w0.clone(), w0, gram_spectrum(w0))
+    assert basis.shape[1] == 0
+    assert estimate == pytest.approx(exact_condition(w0), rel=1e-3)
+
+
+def test_a_full_rank_edit_is_left_to_the_exact_route(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w0 = random_original(g, 300, 500, 10.0).float()
+    w = (w0.double() + 0.3 * torch.randn(300, 500, generator=g, dtype=torch.float64) / math.sqrt(500)).float()
+    estimate, basis = certified_condition_number(w, w0, gram_spectrum(w0))
+    assert estimate is None and basis is None
+    numbers = ConditionNumbers(min_elements=1)
+    tried = []
+    monkeypatch.setattr(condition, "certified_condition_number",
+                        lambda *a, **k: tried.append(1) or certified_condition_number(*a, **k))
+    for _ in range(2):  # the second call knows the matrix's edits are dense and goes straight to the exact route
+        assert numbers.get("w", w, w0) == pytest.approx(exact_condition(w), rel=1e-6)
+    assert (numbers.estimated, numbers.exact, len(tried)) == (0, 2, 1)
+
+
+def test_a_nearly_singular_edited_matrix_is_left_to_the_exact_route():
+    g = torch.Generator().manual_seed(5)
+    w0 = random_original(g, 100, 240, 5.0)
+    u, s, vt = torch.linalg.svd(w0, full_matrices=False)
+    w = w0 - s[-1] * (1 - 1e-9) * torch.outer(u[:, -1], vt[-1])  # rank one edit that nearly kills smin
+    estimate, _ = certified_condition_number(w, w0, gram_spectrum(w0))
+    assert estimate is None
+    assert ConditionNumbers(min_elements=1).get("w", w, w0) == pytest.approx(exact_condition(w), rel=1e-4)
+
+
+def test_non_finite_weights_are_a_clear_error():
+    w0 = torch.eye(40, 60)
+    w = w0.clone()
+    w[3, 4] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        ConditionNumbers(min_elements=1).get("w", w, w0)
+
+
+def test_the_kept_spectrum_is_one_gram_eigendecomposition_per_matrix():
+    g = torch.Generator().manual_seed(6)
+    w0 = random_original(g, 64, 128, 10.0).float()
+    numbers = ConditionNumbers(min_elements=1)
+    for i in range(3):
+        w = (w0.double() + low_rank_delta(g, 64, 128, i + 1, 5.0)).float()
+        assert numbers.get("w", w, w0) == pytest.approx(exact_condition(w), rel=1e-3)
+    assert numbers.estimated == 3
+    assert numbers.nbytes() == 8 * (64 * 64 + 64)
+
+
+def test_a_previous_basis_starts_the_next_estimate():
+    """The restrained dW, and the next edit on top of it, mostly lie in the basis the last call found."""
+    g = torch.Generator().manual_seed(8)
+    w0 = random_original(g, 100, 220, 10.0).float()
+    spectrum = gram_spectrum(w0)
+    w = (w0.double() + low_rank_delta(g, 100, 220, 3, 8.0)).float()
+    _, basis = certified_condition_number(w, w0, spectrum)
+    w_next = (w.double() + low_rank_delta(g, 100, 220, 1, 8.0)).float()
+    estimate, grown = certified_condition_number(w_next, w0, spectrum, basis=basis)
+    assert estimate == pytest.approx(exact_condition(w_next), rel=1e-3)
+    assert grown.shape[1] == 4
+    same, kept = certified_condition_number(w_next, w0, spectrum, basis=grown)
+    assert same == pytest.approx(exact_condition(w_next), rel=1e-3) and kept.shape[1] == 4
+
+
+def test_telemetry_condition_numbers_through_the_session(tmp_path, monkeypatch):
+    """Online PRUNE with telemetry: cond before/after each restraint from the estimate, equal to a float64 SVD of
+    the matrix as it was then; the restrained weights are bit-identical to a run without condition numbers."""
+    monkeypatch.setattr(condition, "_ESTIMATE_MIN", 1)  # the tiny test matrix takes the route large ones take
+    g = torch.Generator().manual_seed(7)
+    w0 = random_original(g, 96, 160, 8.0).float()
+    edits = [low_rank_delta(g, 96, 160, 1, 40.0).float() for _ in range(3)]
+    results = {}
+    for with_cond in (True, False):
+        model = torch.nn.Linear(160, 96, bias=False)
+        with torch.no_grad():
+            model.weight.copy_(w0)
+        path = tmp_path / f"{with_cond}.jsonl"
+        config = PruneConfig(prune=True, prune_mode="online", prune_telemetry=str(path),
+                             prune_telemetry_condition=with_cond)
+        session = edit_session(model, config, ["weight"])
+        before = []
+        for edit in edits:
+            session.before_edit()
+            with torch.no_grad():
+                model.weight += edit
+            before.append(exact_condition(model.weight))
+            session.after_edit({})
+        session.end()
+        results[with_cond] = model.weight.detach().clone()
+        if with_cond:
+            figures = [r["figures"][0] for r in read_telemetry(path) if r["event"] == "edit"]
+            assert [f["cond_before"] for f in figures] == pytest.approx(before, rel=1e-3)
+            assert figures[-1]["cond_after"] == pytest.approx(exact_condition(model.weight), rel=1e-3)
+            assert session.conditions.estimated == 6 and session.conditions.exact == 0
+    assert torch.equal(results[True], results[False])
