@@ -31,6 +31,19 @@ TARGET_RATIO = 10.0
 TARGET_RTOL = 1e-3
 
 
+def _next_edit(restrained, smax0: float, seed: int = 7):
+    """The next edit of a sequence: the restrained W plus one rank-one update of 3 x smax(W0) (a ROME-sized edit),
+    float32. Its 'before' starts from the basis the previous 'after' found, as telemetry's does in a session."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    m, n = restrained.shape
+    a = torch.randn(m, 1, generator=g, dtype=torch.float64)
+    b = torch.randn(1, n, generator=g, dtype=torch.float64)
+    update = (a / a.norm()) @ (b / b.norm()) * (3.0 * smax0)
+    return update.add_(restrained.double()).to(torch.float32)
+
+
 def run(args) -> dict[str, Any]:
     import torch
 
@@ -42,6 +55,8 @@ def run(args) -> dict[str, Any]:
 
     shapes = select_shapes(SMOKE_SHAPES if args.smoke else SHAPES, args.shape)
     kinds = SMOKE_KINDS if args.smoke else KINDS
+    if getattr(args, "dw", None):
+        kinds = [int(k) if k.isdigit() else k for k in args.dw]
     min_elements = 1 if args.smoke else None  # smoke: the tiny matrices take the large-matrix route
     rows, records, notes = [], [], []
     for label, m, n in shapes:
@@ -56,21 +71,23 @@ def run(args) -> dict[str, Any]:
             del delta
             restrained = w.clone()
             restrain_parameter(restrained, w0, smax0, math.e)
+            following = _next_edit(restrained, smax0)
             numbers = ConditionNumbers(min_elements=min_elements)
             numbers.keep_spectrum("w", spectrum)  # kept from the first edit of the matrix on (the one-off column)
-            found: dict[str, Any] = {"before": None}
-            for stage, matrix in (("before", w), ("after", restrained)):
+            found: dict[str, Any] = {}
+            stages = (("before", w, None), ("after", restrained, "before"), ("next before", following, "after"))
+            for stage, matrix, start_from in stages:
                 def start() -> None:
-                    # 'before': no basis yet (a first look at this dW); 'after': the one 'before' found, as in a
-                    # session. A dense dW is tried afresh every time (a session stops trying after the first).
-                    numbers.start_afresh("w", found["before"] if stage == "after" else None)
+                    # 'before': no basis yet (a first look at this dW); 'after': the one 'before' found, and 'next
+                    # before' the one 'after' found, as in a session. A dense dW is tried afresh every time (a
+                    # session stops trying after the first).
+                    numbers.start_afresh("w", found.get(start_from))
 
                 estimated = numbers.estimated
                 plugin, value = timed(lambda: numbers.get("w", matrix, w0), repeats=args.repeats, warmup=1,
                                       setup=start)
                 path = "estimate" if numbers.estimated > estimated else "exact route"
-                if stage == "before":
-                    found["before"] = numbers.basis("w")
+                found[stage] = numbers.basis("w")
                 today, value_today = timed(lambda: condition_number(matrix), repeats=reps, warmup=0 if large else 1)
                 exact = value_today if large else float(
                     (lambda s: s[0] / s[-1])(torch.linalg.svdvals(matrix.double())))
@@ -84,7 +101,7 @@ def run(args) -> dict[str, Any]:
                 rows.append([f"{label} {m}x{n}", str(kind), stage, path, f"{value:.6g}", fmt_seconds(plugin.median),
                              fmt_seconds(today.median), fmt_ratio(record["ratio_today"]), f"{err:.1e}",
                              fmt_seconds(one_off.median), fmt_bytes(spectrum.nbytes)])
-            del w, restrained
+            del w, restrained, following
         del w0, spectrum
     checks = []
     for r in records:
@@ -101,7 +118,9 @@ def run(args) -> dict[str, Any]:
     header = ["matrix", "dW", "W", "plugin path", "cond(W)", "plugin", "today's path (Gram)", "ratio today",
               "rel err", "one-off per matrix", "kept per matrix"]
     notes += [f"plugin: median of {args.repeats} after one warm-up, W0's Gram spectrum already kept; 'before' starts "
-              "without a basis of dW, 'after' with the one 'before' found (as in a session); today's path: "
+              "without a basis of dW, 'after' with the one 'before' found (as in a session); 'next before' is the "
+              "next edit's 'before' (the restrained W plus one rank-one update of 3 x smax(W0)), starting from the "
+              "basis 'after' found: what telemetry pays per edit along a sequence; today's path: "
               "one call at 4096x11008, otherwise the same. 'one-off' = gram_spectrum(W0) (Gram matrix + eigh), paid "
               "at the first condition number of a matrix; 'kept' = its bytes, kept for the session.",
               "rel err against float64 svdvals of W (against today's Gram value at 4096x11008); the estimate is "

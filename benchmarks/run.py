@@ -43,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-rank-large", action="store_true", help="also run full-rank dW at 4096x11008 (very slow)")
     p.add_argument("--reference-large", action="store_true", help="also compute the float64 dense reference at 4096x11008")
     p.add_argument("--shape", action="append", default=None, metavar="MxN",
-                   help="restrict 'restraint', 'spectrum' and 'memory' to these shapes, e.g. --shape 576x1536 (repeatable)")
+                   help="restrict 'restraint', 'condition', 'spectrum' and 'memory' to these shapes, e.g. --shape 576x1536 (repeatable)")
     p.add_argument("--dw", action="append", default=None, metavar="KIND",
-                   help="restrict 'restraint' to these dW kinds: a rank (1, 10, 100), ftK (full rank, K values above "
+                   help="restrict 'restraint' and 'condition' to these dW kinds: a rank (1, 10, 100), ftK (full rank, K values above "
                         "smax(W0)) or full (repeatable)")
     p.add_argument("--max-edits", type=int, default=None, help="largest number of rank-one edits in 'sequential' (default 1000)")
     p.add_argument("--general-tasks", default=None,

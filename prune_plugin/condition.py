@@ -80,6 +80,7 @@ class _Slicer:
     def __init__(self, values: torch.Tensor, u_tilde: torch.Tensor, c: torch.Tensor) -> None:
         self.values, self.u, self.c = values, u_tilde, c
         self.inv_c = torch.diag(1.0 / c)
+        self.u2 = u_tilde.square()  # for the round-off scale of every count
         self.n_pos_c = int((c > 0).sum())
         self.size = values.numel()
 
@@ -95,7 +96,7 @@ class _Slicer:
         eig = torch.linalg.eigvalsh(h)
         # Round-off in H (and in U~ and L0 before it) is a few (s + 2r) eps times the largest diagonal of
         # |diag(1/c)| + U~^T |diag(1/gap)| U~, which bounds every entry's sum of magnitudes.
-        scale = float((self.inv_c.diagonal().abs() + (self.u.square() / gap.abs().unsqueeze(1)).sum(0)).max())
+        scale = float((self.inv_c.diagonal().abs() + (self.u2 / gap.abs().unsqueeze(1)).sum(0)).max())
         if float(eig.abs().min()) <= _SIGN_TOL * (self.size + self.c.numel()) * scale:
             return None
         return below + int((eig > 0).sum()) - self.n_pos_c

@@ -252,6 +252,12 @@ def _apply_right(d: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return (x_t @ d.mT).mT
 
 
+def norm_bound_factor(power: int = _NORM_POWER) -> float:
+    """How far above the estimate it comes from deflated_norm_bound's bound lies, (ALPHA sqrt(2/pi))^(1/2q): about
+    its excess over ||E|| for a dominant top value (a flat top of p values adds up to a factor p^(1/4q))."""
+    return (_NORM_ALPHA * math.sqrt(2 / math.pi)) ** (1 / (2 * power))
+
+
 def deflated_norm_bound(
     d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: torch.Generator, power: int = _NORM_POWER
 ) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .restraint import RestraintFigures, deflated_norm_bound
+from .restraint import RestraintFigures, deflated_norm_bound, norm_bound_factor
 
 # Below this many elements a float64 singular-value pass is as cheap as anything else. Above it the Gram route is
 # 2-4x faster than svdvals at every size measured (576x1536: 60 ms against 200 ms; 2048x2048: 1.5 s against 6.7 s).
@@ -40,15 +40,18 @@ def _gram(weight: torch.Tensor) -> torch.Tensor:
 
 #: Relative accuracy of largest_singular_value's certified Krylov estimate.
 SMAX_RTOL = 1e-6
+#: Block size and the most blocks of the Krylov space certified_largest_singular_value builds.
 _SMAX_BLOCK = 8
-_SMAX_ITERATIONS = 30
-#: Power steps of the randomized bound on ||W (I - V V^T)||: it only has to separate the deflated rest from smax.
-_SMAX_NORM_POWER = 10
-#: From this many elements largest_singular_value tries the certified Krylov estimate first. Off for now (no
-#: matrix is that large): on a W0 whose second singular value is close to the first (0.88 of it in the benchmark's
-#: 4096x11008 matrix) the estimate cannot certify and gives up after about 2.7 s, which the Gram route then pays
-#: on top. certified_largest_singular_value stays available, tested on its own.
-_KRYLOV_MIN = 1 << 62
+_SMAX_DEPTH = 16
+#: The randomized bound on the deflated rest is tried at most this often (each try costs 2 x power passes).
+_SMAX_BOUND_TRIES = 3
+#: Power steps of that bound, fewest first (each costs two passes): the bound lies up to (ALPHA sqrt(2/pi))^(1/2q)
+#: above the rest's norm, more for a flat top (restraint.norm_bound_factor: 1.38x for q = 4, 1.14x for q = 10),
+#: and only has to stay clear of smax.
+_SMAX_POWERS = range(3, 11)
+#: From this many elements largest_singular_value takes the certified Krylov estimate first (the Gram route's
+#: m^2 n flops are then the larger cost: 13 to 16 s at 4096x11008 on one CPU thread).
+_KRYLOV_MIN = 1 << 23
 
 
 def largest_singular_value_dense(weight: torch.Tensor) -> float:
@@ -61,44 +64,79 @@ def largest_singular_value_dense(weight: torch.Tensor) -> float:
 
 
 def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RTOL, seed: int = 0) -> float | None:
-    """smax(W) to `rtol` relative from block subspace iteration in float64, or None when it cannot certify that.
+    """smax(W) to `rtol` relative from a block Krylov space in float64, or None when it cannot certify that.
 
-    With orthonormal V (n x b), W V = U T Z^T gives Ritz triplets (t_i, u_i, v_i) with W v_i = t_i u_i exactly, so
-    t_1 <= smax(W). For the first c Ritz vectors, W^T W = [[T_c^2, R^T], [R, C]] in the basis (V_c, V_c-perp),
-    ||R|| = ||(W^T U_c - V_c T_c) T_c|| and ||C|| = ||W (I - V_c V_c^T)||^2 <= beta^2 (beta from
-    restraint.deflated_norm_bound, failing with probability < 2.3e-10); if beta < t_1 the Schur complement gives
-    smax^2 <= t_1^2 + ||R||^2 / (t_1^2 - beta^2). The estimate is accepted when that bound is within rtol.
-    Memory: one float64 copy of W (8 m n bytes) while it runs, and n x b vectors.
+    With W oriented wide (m <= n) and A = W W^T, the space is spanned by orthonormal blocks Q_0, Q_1, ... (Q_0 from
+    W times Gaussian vectors, each next one A Q_j made orthonormal to the others). Every block costs two passes,
+    Z_j = W^T Q_j and Y_j = W Z_j = A Q_j, and nothing more is needed: with Q, Z, Y the blocks side by side,
+    Q^T A Q = Z^T Z gives the Ritz pairs (theta_i, Q g_i), theta_1 <= smax^2, and A Q g_i = Y g_i their residuals.
+    For the first c Ritz vectors U_c, A = [[Theta_c, R^T], [R, C]] in the basis (U_c, U_c-perp) with ||R|| <=
+    ||Y G_c - U_c Theta_c||_F and ||C|| = ||(I - U_c U_c^T) W||^2 <= beta^2 (restraint.deflated_norm_bound, failing
+    with probability < 2.3e-10); if beta^2 < theta_1, smax^2 <= theta_1 + ||R||^2 / (theta_1 - beta^2) (the
+    eigenvalue bound for a Hermitian block matrix of C.-K. Li and R.-C. Li, 2005). The estimate sqrt(theta_1) is
+    returned once that bound is within rtol of it. c is chosen where the Ritz values drop enough for the bound
+    to stay clear of theta_1: a top value close to the next few needs those deflated too, which the block holds.
+    Memory: one float64 copy of W (8 m n bytes) while it runs, and 3 m (or n) x 8 vectors per block.
     """
     w = weight.detach().to(torch.float64)
     if w.shape[0] > w.shape[1]:
-        w = w.mT  # the wider side holds the right vectors: the smaller Gram side is never formed anyway
+        w = w.mT  # the Krylov vectors live on the smaller side
     m, n = w.shape
+    if m == 0 or n == 0:
+        return 0.0
     b = min(_SMAX_BLOCK, m)
     generator = torch.Generator(device=w.device).manual_seed(seed)
-    v, _ = torch.linalg.qr(torch.randn(n, b, dtype=w.dtype, device=w.device, generator=generator))
-    bounds_tried = 0
-    for _ in range(_SMAX_ITERATIONS):
-        u, t, zt = torch.linalg.svd((v.mT @ w.mT).mT, full_matrices=False)  # W V = U T Z^T
-        v = v @ zt.mT  # right Ritz vectors: W v_i = t_i u_i
-        if float(t[0]) == 0.0:
-            return 0.0
-        wtu = (u.mT @ w).mT  # W^T U: the residuals now and the next iterate
-        res = ((wtu - v * t) * t).square().sum(0).cumsum(0).sqrt()  # ||R_c||_F for c = 1..b
-        top2 = float(t[0]) ** 2
-        # The bound costs 2 * _SMAX_NORM_POWER passes: try it only once the top Ritz vector has converged far
-        # enough for it to succeed, deflating by every leading Ritz vector converged as far.
-        good = 1e-4 * top2
-        if float(res[0]) <= good and bounds_tried < 2:
-            bounds_tried += 1
-            c = max(1, int((res <= good).sum()))
-            beta = deflated_norm_bound(w, u[:, :0], v[:, :c].mT, generator, power=_SMAX_NORM_POWER)
-            if beta * beta >= top2:
-                return None  # the rest is not separated from smax: no certificate possible
-            upper2 = top2 + float(res[c - 1]) ** 2 / (top2 - beta * beta)
-            if math.sqrt(upper2 / top2) - 1 <= rtol:
-                return float(t[0])
-        v, _ = torch.linalg.qr(wtu)
+    # W x and W^T y as row-vector products: BLAS runs a short-wide times a row-major matrix far faster than the
+    # transposed skinny product (at 4096x11008 with 8 columns: 0.13 s against 1.0 s for the pair).
+    q, _ = torch.linalg.qr((torch.randn(b, n, dtype=w.dtype, device=w.device, generator=generator) @ w.mT).mT)
+    blocks: list[torch.Tensor] = []
+    images: list[torch.Tensor] = []  # Z_j = W^T Q_j
+    products: list[torch.Tensor] = []  # Y_j = A Q_j
+    tries = 0
+    for _ in range(_SMAX_DEPTH):
+        z = (q.mT @ w).mT
+        blocks.append(q)
+        images.append(z)
+        products.append((z.mT @ w.mT).mT)
+        basis, zs, ys = torch.cat(blocks, 1), torch.cat(images, 1), torch.cat(products, 1)
+        projected = zs.mT @ zs
+        theta, g = torch.linalg.eigh(0.5 * (projected + projected.mT))
+        theta, g = theta.flip(0), g.flip(1)  # largest first
+        top = float(theta[0])
+        if top <= 0.0:
+            return 0.0 if float(zs.abs().max()) == 0.0 else None
+        residuals = (ys @ g - basis @ (g * theta)).square().sum(0).cumsum(0).sqrt()  # ||R_c||_F, c = 1, 2, ...
+        plan = _smax_plan(theta, residuals, m, rtol) if tries < _SMAX_BOUND_TRIES else None
+        if plan is not None:
+            c, power = plan
+            tries += 1
+            beta = deflated_norm_bound(w, basis @ g[:, :c], w.new_zeros(0, n), generator, power=power)
+            if beta * beta < top:
+                upper2 = top + float(residuals[c - 1]) ** 2 / (top - beta * beta)
+                if math.sqrt(upper2 / top) - 1 <= rtol:
+                    return math.sqrt(top)
+        if basis.shape[1] + b > m:
+            return None  # the space would fill the whole side: the dense route is as cheap
+        following = products[-1]
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            following = following - basis @ (basis.mT @ following)
+        q, _ = torch.linalg.qr(following)
+        q, _ = torch.linalg.qr(q - basis @ (basis.mT @ q))
+    return None
+
+
+def _smax_plan(theta: torch.Tensor, residuals: torch.Tensor, size: int, rtol: float) -> tuple[int, int] | None:
+    """(c, power) for the bound of certified_largest_singular_value when the Ritz values and residuals predict it
+    succeeds (using half the accuracy budget), fewest power steps first; None while they do not (iterate further).
+    The deflated rest is predicted at the (c+1)-th Ritz value times the bound's largest excess over it: its factor
+    and a flat top of up to `size` values (restraint.norm_bound_factor)."""
+    top = float(theta[0])
+    for power in _SMAX_POWERS:
+        excess2 = (norm_bound_factor(power) * size ** (1 / (4 * power))) ** 2
+        for c in range(1, len(theta)):
+            rest2 = excess2 * float(theta[c])
+            if rest2 < top and float(residuals[c - 1]) ** 2 / (top - rest2) <= rtol * top:
+                return c, power  # (1 + rtol)^2 - 1 ~ 2 rtol: the plan leaves half of it to spare
     return None
 
 

@@ -210,6 +210,27 @@ class TestSpectrum:
         assert estimate is not None
         assert estimate == pytest.approx(torch.linalg.svdvals(w.float().double())[0].item(), rel=1e-6)
 
+    @pytest.mark.parametrize("transposed", [False, True], ids=["wide", "tall"])
+    def test_a_top_value_close_to_the_next_ones_is_certified_from_the_krylov_block(self, transposed, monkeypatch):
+        """A trained down-projection's shape: four outliers (the second at 0.9 of the first) above a Gaussian bulk.
+        The block deflates all four before bounding the rest; the Gram route is never needed."""
+        import prune_plugin.spectrum as spectrum
+
+        g = torch.Generator().manual_seed(11)
+        m, n = 150, 400
+        w = torch.randn(m, n, generator=g, dtype=torch.float64) * (5.0 / (math.sqrt(m) + math.sqrt(n)))
+        for strength in (10.0, 9.0, 8.0, 7.0):
+            w += strength * torch.outer(torch.randn(m, generator=g, dtype=torch.float64) / math.sqrt(m),
+                                        torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n))
+        w = (w.mT.contiguous() if transposed else w).float()
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        estimate = spectrum.certified_largest_singular_value(w)
+        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
+        monkeypatch.setattr(spectrum, "largest_singular_value_dense",
+                            lambda _: pytest.fail("the Gram route ran although the estimate certified"))
+        assert spectrum.largest_singular_value(w) == estimate
+
     def test_a_flat_top_spectrum_cannot_be_certified_and_falls_back_to_the_exact_value(self, monkeypatch):
         import prune_plugin.spectrum as spectrum
 
