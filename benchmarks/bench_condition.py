@@ -6,9 +6,10 @@
 - today's path: spectrum.condition_number, the float64 Gram matrix of W and one eigvalsh, every time.
 
 dW kinds as in the restraint benchmark (benchmarks/bench_restraint.py): r = r rank-one updates, ftK = full rank with
-K values above smax(W0); 'after' is the same W once restrained (a = e, exact rule). Agreement: against a float64
-svdvals of W (the Gram route's value at 4096x11008, where svdvals takes minutes; that route is accurate to about
-1e-6 there).
+K values above smax(W0); 'after' is the same W once restrained (a = e, exact rule); 'next before' is the next
+edit's W (the restrained W plus one rank-one update) with the basis 'after' found, what telemetry pays per edit.
+Agreement: against a float64 svdvals of W (the Gram route's value at 4096x11008, where svdvals takes minutes; that
+route is accurate to about 1e-6 there).
 """
 from __future__ import annotations
 

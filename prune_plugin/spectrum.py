@@ -130,12 +130,13 @@ def _smax_plan(theta: torch.Tensor, residuals: torch.Tensor, size: int, rtol: fl
     succeeds (using half the accuracy budget), fewest power steps first; None while they do not (iterate further).
     The deflated rest is predicted at the (c+1)-th Ritz value times the bound's largest excess over it: its factor
     and a flat top of up to `size` values (restraint.norm_bound_factor)."""
-    top = float(theta[0])
+    values, misses = theta.tolist(), residuals.tolist()
+    top = values[0]
     for power in _SMAX_POWERS:
         excess2 = (norm_bound_factor(power) * size ** (1 / (4 * power))) ** 2
-        for c in range(1, len(theta)):
-            rest2 = excess2 * float(theta[c])
-            if rest2 < top and float(residuals[c - 1]) ** 2 / (top - rest2) <= rtol * top:
+        for c in range(1, len(values)):
+            rest2 = excess2 * values[c]
+            if rest2 < top and misses[c - 1] ** 2 / (top - rest2) <= rtol * top:
                 return c, power  # (1 + rtol)^2 - 1 ~ 2 rtol: the plan leaves half of it to spare
     return None
 
