@@ -16,14 +16,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .common import fmt_bytes, fmt_ratio, fmt_seconds, make_original, print_table, select_shapes, timed
+from .common import (MATRIX_SHAPES, fmt_bytes, fmt_ratio, fmt_seconds, make_original, make_update, print_table,
+                     select_shapes, timed)
 
 NAME = "condition"
-SHAPES = [
-    ("SmolLM2-135M down_proj", 576, 1536),
-    ("GPT-2 XL c_proj", 6400, 1600),
-    ("Llama-2-7B down_proj", 4096, 11008),
-]
+SHAPES = MATRIX_SHAPES
 SMOKE_SHAPES = [("smoke", 96, 160)]
 KINDS: list[Any] = [1, 10, 100, "ft32"]
 SMOKE_KINDS: list[Any] = [1, 4, "ft4"]
@@ -33,16 +30,12 @@ TARGET_RTOL = 1e-3
 
 
 def _next_edit(restrained, smax0: float, seed: int = 7):
-    """The next edit of a sequence: the restrained W plus one rank-one update of 3 x smax(W0) (a ROME-sized edit),
-    float32. Its 'before' starts from the basis the previous 'after' found, as telemetry's does in a session."""
+    """The next edit of a sequence: the restrained W plus one rank-one update of 3 x smax(W0) (a ROME-sized edit,
+    common.make_update), float32. Its 'before' starts from the basis the previous 'after' found, as in a session."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
     m, n = restrained.shape
-    a = torch.randn(m, 1, generator=g, dtype=torch.float64)
-    b = torch.randn(1, n, generator=g, dtype=torch.float64)
-    update = (a / a.norm()) @ (b / b.norm()) * (3.0 * smax0)
-    return update.add_(restrained.double()).to(torch.float32)
+    return make_update(m, n, 1, smax0, seed=seed).add_(restrained.double()).to(torch.float32)
 
 
 def run(args) -> dict[str, Any]:

@@ -20,14 +20,10 @@ import sys
 import time
 from typing import Any
 
-from .common import PeakRSS, fmt_bytes, fmt_seconds, print_table, select_shapes
+from .common import MATRIX_SHAPES, PeakRSS, fmt_bytes, fmt_seconds, print_table, select_shapes
 
 NAME = "memory"
-SHAPES = [
-    ("SmolLM2-135M down_proj", 576, 1536),
-    ("GPT-2 XL c_proj", 6400, 1600),
-    ("Llama-2-7B down_proj", 4096, 11008),
-]
+SHAPES = MATRIX_SHAPES
 SMOKE_SHAPES = [("smoke", 96, 256)]
 RANK, SMOKE_RANK = 100, 5
 NOMINAL_SMAX = 12.0  # make_original's spike scale; smax(W0) comes out near 11, so F acts on part of dW

@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from .common import (
+    MATRIX_SHAPES,
     select_shapes,
     Timing,
     fmt_err,
@@ -38,11 +39,7 @@ from .common import (
 NAME = "restraint"
 ALPHA = math.e
 
-SHAPES = [
-    ("SmolLM2-135M down_proj", 576, 1536),
-    ("GPT-2 XL c_proj", 6400, 1600),
-    ("Llama-2-7B down_proj", 4096, 11008),
-]
+SHAPES = MATRIX_SHAPES
 SMOKE_SHAPES = [("smoke A", 48, 128), ("smoke B", 96, 64)]
 RANKS: list[Any] = [1, 10, 100, "ft32", "full"]
 SMOKE_RANKS: list[Any] = [1, 5, "ft4", "full"]

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import fmt_ratio, fmt_seconds, make_original, print_table, select_shapes, timed
+from .common import MATRIX_SHAPES, fmt_ratio, fmt_seconds, make_original, print_table, select_shapes, timed
 
 NAME = "spectrum"
-SHAPES = [
-    ("SmolLM2-135M down_proj", 576, 1536),
-    ("GPT-2 XL c_proj", 6400, 1600),
-    ("Llama-2-7B down_proj", 4096, 11008),
-]
+SHAPES = MATRIX_SHAPES
 SMOKE_SHAPES = [("smoke", 120, 300)]
 LARGE = 20_000_000
 TARGET_SECONDS = 1.0

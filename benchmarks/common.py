@@ -153,6 +153,14 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 
 # -- synthetic weights ---------------------------------------------------------------------------------------------
+#: The edited-matrix shapes the per-matrix benchmarks (restraint, spectrum, condition, memory) measure.
+MATRIX_SHAPES = [
+    ("SmolLM2-135M down_proj", 576, 1536),
+    ("GPT-2 XL c_proj", 6400, 1600),
+    ("Llama-2-7B down_proj", 4096, 11008),
+]
+
+
 def make_original(m: int, n: int, *, smax: float = 12.0, spikes: int = 4, seed: int = 0):
     """A float32 W0 with the shape of a trained down-projection's spectrum: a Gaussian bulk (the Marchenko-Pastur
     edge at about smax/2) plus `spikes` outlier directions, the largest at about `smax`."""

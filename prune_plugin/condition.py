@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .restraint import _wide_svd
+from .restraint import _apply_right, _orthonormal_beside, _wide_svd
 from .spectrum import _gram, condition_number
 
 #: Relative accuracy of the estimate; telemetry's figure needs no more.
@@ -206,10 +206,7 @@ def certified_condition_number(
         if add <= 0:
             return None, None  # dW is not low-rank enough: the exact route
         omega = torch.randn(add, large, dtype=d.dtype, device=d.device, generator=generator)
-        y = (omega @ d.mT).mT  # d @ omega^T
-        y = y - q @ (q.mT @ y)
-        qn, _ = torch.linalg.qr(y)
-        qn, _ = torch.linalg.qr(qn - q @ (q.mT @ qn))  # twice is enough (Kahan-Parlett)
+        qn = _orthonormal_beside(_apply_right(d, omega), q)
         rn = (qn.mT @ d).mT
         q, r = torch.cat([q, qn], 1), torch.cat([r, rn], 1)
         previous, missed2 = missed2, fro2 - float(r.square().sum())

@@ -252,6 +252,14 @@ def _apply_right(d: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     return (x_t @ d.mT).mT
 
 
+def _orthonormal_beside(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns for the part of x outside the span of `basis` (orthonormal columns): projected out,
+    orthonormalised, projected out once more and orthonormalised again (twice is enough: Kahan-Parlett)."""
+    x, _ = torch.linalg.qr(x - basis @ (basis.mT @ x))
+    x, _ = torch.linalg.qr(x - basis @ (basis.mT @ x))
+    return x
+
+
 def norm_bound_factor(power: int = _NORM_POWER) -> float:
     """How far above the estimate it comes from deflated_norm_bound's bound lies, (ALPHA sqrt(2/pi))^(1/2q): about
     its excess over ||E|| for a dominant top value (a flat top of p values adds up to a factor p^(1/4q))."""

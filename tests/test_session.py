@@ -26,12 +26,15 @@ def rank_one_edit(model, seed: int, strength: float = 40.0, name: str = TARGET) 
         w += strength * torch.outer(u / u.norm(), v / v.norm())
 
 
+def edit(session, model, seed: int, request: dict | None = None, **kwargs):
+    """One edit as an editor makes it under the session: before_edit, a rank-one edit, after_edit."""
+    session.before_edit()
+    rank_one_edit(model, seed=seed, **kwargs)
+    return session.after_edit({} if request is None else request)
+
+
 def run_sequence(session, model, n: int, **kwargs) -> list:
-    steps = []
-    for i in range(n):
-        session.before_edit()
-        rank_one_edit(model, seed=i, **kwargs)
-        steps.append(session.after_edit({"prompt": f"edit {i}", "target_new": "x"}))
+    steps = [edit(session, model, i, {"prompt": f"edit {i}", "target_new": "x"}, **kwargs) for i in range(n)]
     session.end()
     return steps
 
@@ -49,9 +52,7 @@ def test_final_mode_restrains_once_after_the_last_edit_like_the_official_code(mo
     w0 = model.get_parameter(TARGET).detach().clone()
     session = edit_session(model, PruneConfig(prune=True, prune_alpha=2.0, prune_mode="final"), [TARGET])
     for i in range(3):
-        session.before_edit()
-        rank_one_edit(model, seed=i)
-        session.after_edit({"prompt": str(i)})
+        edit(session, model, i, {"prompt": str(i)})
         if i < 2:
             assert not torch.equal(model.get_parameter(TARGET), w0)  # edits land unrestrained until the end
     unrestrained = model.get_parameter(TARGET).detach().clone()
@@ -65,9 +66,7 @@ def test_restrained_matrix_obeys_the_papers_bound(model):
     smax0 = largest_singular_value(w0)
     session = edit_session(model, PruneConfig(prune=True, prune_alpha=math.e), [TARGET])
     for i in range(4):
-        session.before_edit()
-        rank_one_edit(model, seed=i)
-        session.after_edit({})
+        edit(session, model, i)
     smax_unrestrained = torch.linalg.svdvals((model.get_parameter(TARGET) - w0).double())[0].item()
     session.end()
     bound = restrain_values(torch.tensor([smax_unrestrained], dtype=torch.float64), smax0, math.e)[0].item()
@@ -126,9 +125,7 @@ def test_prune_off_changes_nothing_the_edits_did(model):
 
 def test_restrain_now_applies_the_restraint_whatever_the_mode(model):
     session = edit_session(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
-    session.before_edit()
-    rank_one_edit(model, seed=0)
-    session.after_edit({})
+    edit(session, model, 0)
     figures = session.restrain_now()
     assert figures[TARGET].restrained
 
@@ -136,9 +133,7 @@ def test_restrain_now_applies_the_restraint_whatever_the_mode(model):
 def final_mode_sequence(model, n_edits: int, explicit_restraint: bool) -> EditSession:
     session = edit_session(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
     for i in range(n_edits):
-        session.before_edit()
-        rank_one_edit(model, seed=i)
-        session.after_edit({})
+        edit(session, model, i)
     if explicit_restraint:
         session.restrain_now()
     session.end()
@@ -162,20 +157,14 @@ def test_restrain_now_then_end_in_final_mode_restrains_once(model, monkeypatch):
 
 def test_restrain_now_restrains_again_after_a_further_edit(model):
     session = edit_session(model, PruneConfig(prune=True, prune_mode="final"), [TARGET])
-    session.before_edit()
-    rank_one_edit(model, seed=0)
-    session.after_edit({})
+    edit(session, model, 0)
     first = session.restrain_now()[TARGET]
     assert session.restrain_now()[TARGET] is first  # nothing changed since: the same figures, no second pass
-    session.before_edit()
-    rank_one_edit(model, seed=1)
-    session.after_edit({})
+    edit(session, model, 1)
     second = session.restrain_now()[TARGET]
     assert second is not first and second.restrained
     session.restore()
-    session.before_edit()
-    rank_one_edit(model, seed=0)  # W0 + the first edit again, bit for bit: restrained afresh after restore()
-    session.after_edit({})
+    edit(session, model, 0)  # W0 + the first edit again, bit for bit: restrained afresh after restore()
     assert session.restrain_now()[TARGET] is not first
 
 
