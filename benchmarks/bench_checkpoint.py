@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import fmt_bytes, fmt_seconds, make_original, make_update, one_matrix_model, print_table, timed
+from .common import (
+    fmt_bytes, fmt_seconds, make_original, make_update, one_matrix_model, previous_edit_state, print_table, timed,
+)
 
 NAME = "checkpoint"
 SHAPES = [("SmolLM2-135M down_proj", 576, 1536), ("Llama-2-7B down_proj", 4096, 11008)]
@@ -112,7 +114,7 @@ def _online_cost(args) -> dict[str, Any]:
         def setup() -> None:
             with torch.no_grad():
                 model.weight.copy_(w)
-            session.rank_hints["weight"] = r - 1  # what the previous edit of an online run found
+            previous_edit_state(session, r)  # what the previous edit of an online run found
 
         per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=args.repeats, warmup=1,
                                   setup=setup)

@@ -7,7 +7,9 @@ smax(W0), so exactly K values are restrained), and 'full' (full rank with half i
 plugin runs through what an edit runs (`restrain_matrices` of an `EditSession`, the exact rank rule), measured:
 
 - first edit: a fresh session, so smax(W0) is computed and there is no rank hint (one-off per matrix);
-- per edit: the same session again, smax(W0) cached and the rank hint of the previous call set;
+- per edit: the same session again, smax(W0) cached, the rank hint of the previous call set and its basis less
+  one direction (common.previous_edit_state: the first block's fresh columns must catch it, as they catch what
+  each new edit adds);
 - today's path: the same with `prune_rank_rule: official`, the sketch-to-numerical-rank path the plugin used before
   the exact rule (identical to it for float32 weights, whose storage floor is below numpy's tolerance).
 
@@ -31,6 +33,7 @@ from .common import (
     make_original,
     make_update,
     one_matrix_model,
+    previous_edit_state,
     print_table,
     relative_difference,
     timed,
@@ -136,8 +139,12 @@ def run(args) -> dict[str, Any]:
                                        repeats=repeats, budget=args.budget, setup=fresh_session, collect=big)
             session = holder["s"]
             # Per edit: smax cached, rank hint from the previous call.
+            def next_edit() -> None:
+                put_w()
+                previous_edit_state(session)
+
             per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]),
-                                      repeats=repeats, warmup=1, setup=put_w, collect=big)
+                                      repeats=repeats, warmup=1, setup=next_edit, collect=big)
             fig = figures["weight"]
             w_plugin = param.detach().clone()
             # Today's path: the official rank rule through the same machinery (its own session, smax cached). On a

@@ -3,9 +3,10 @@
 After r rank-one edits (ROME adds one per edit) dW has rank r. One restraint of such a dW is timed at the
 Llama-2-7B down_proj shape for r = 10, 100, 1000:
 
-- per edit (online mode): `restrain_matrices`, smax(W0) cached, rank hint r - 1 (what the previous edit found);
-- no hint: `restrain_matrices` with no rank hint, as the single restraint of 'final' mode after r edits (the
-  sketch has to grow to r first);
+- per edit (online mode): `restrain_matrices`, smax(W0) cached, rank hint r - 1 and a basis of r - 1 of dW's
+  directions (what the previous edit found: common.previous_edit_state);
+- no hint: `restrain_matrices` with no rank hint and no basis, as the single restraint of 'final' mode after r
+  edits (the sketch has to grow to r first);
 - previous path: the per-edit path before commit 2496cd1 (benchmarks/previous_path.py), hint r - 1.
 
 The official code's cost does not depend on r (three dense SVDs of the whole matrix; see the restraint benchmark).
@@ -18,7 +19,9 @@ import math
 import time
 from typing import Any
 
-from .common import fmt_ratio, fmt_seconds, make_original, make_update, one_matrix_model, print_table, timed
+from .common import (
+    fmt_ratio, fmt_seconds, make_original, make_update, one_matrix_model, previous_edit_state, print_table, timed,
+)
 
 NAME = "sequential"
 SHAPE = ("Llama-2-7B down_proj", 4096, 11008)
@@ -65,7 +68,7 @@ def run(args) -> dict[str, Any]:
         def setup(hint: int) -> None:
             with torch.no_grad():
                 param.copy_(w)
-            session.rank_hints["weight"] = hint
+            previous_edit_state(session, hint + 1)
 
         per_edit, figures = timed(lambda: session.restrain_matrices(["weight"]), repeats=repeats, warmup=1,
                                   setup=lambda: setup(r - 1), collect=big)

@@ -248,6 +248,19 @@ def one_matrix_model(w0):
     return model
 
 
+def previous_edit_state(session, rank: int | None = None, name: str = "weight") -> None:
+    """What the previous edit of an online run leaves for this restraint, when a benchmark restrains the same W
+    again: the basis the last restraint kept, less its last column (the direction a new edit adds, which the
+    first block's fresh columns must catch, instead of a start that already spans all of dW), and with `rank`
+    the rank hint rank - 1 (no basis at all for rank 1, as on an online run's first restraint)."""
+    if rank is not None:
+        session.rank_hints[name] = rank - 1
+    basis = session.bases.pop(name, None)
+    keep = (basis.shape[1] if basis is not None else 0) - 1 if rank is None else rank - 1
+    if basis is not None and keep > 0:
+        session.bases[name] = basis[:, :min(keep, basis.shape[1])]
+
+
 def select_shapes(shapes, wanted: Sequence[str] | None):
     """The (label, m, n) entries whose 'MxN' is in `wanted` (all of them when nothing is wanted)."""
     if not wanted:

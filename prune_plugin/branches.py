@@ -43,7 +43,8 @@ def apply_checkpoint(model: torch.nn.Module, checkpoint: Checkpoint, alpha: Alph
                           plugin_manager=make_plugin_manager(config, load_entry_points=False))
     session.begin()  # W0, from the model as it is now
     check_model(checkpoint, session.originals, model)
-    session.resume_at(checkpoint.edits, checkpoint.matrices(), checkpoint.state.get("rank_hints", {}))
+    session.resume_at(checkpoint.edits, checkpoint.matrices(), checkpoint.state.get("rank_hints", {}),
+                      checkpoint.bases())
     if alpha is not None:
         session.restrain_now()  # what PruneRestraint.prune_edit_end does in 'final' mode
     return session

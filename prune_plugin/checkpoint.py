@@ -7,6 +7,8 @@ A checkpoint is one folder, ``<dir>/edit-000025/``:
 * ``manifest.json`` -- the edit count, the requests applied so far, the hparams, the model's identity, the state a
   resumed run needs to continue bit for bit (seed, the method's cached context templates, restraint rank hints) and
   a SHA-256 per file.
+* ``bases.safetensors`` (when the restraint kept any) -- per matrix, the basis its last restraint captured of dW
+  (float32, m x rank), where the next restraint starts: also state a resumed run needs to continue bit for bit.
 
 The folder is written under a temporary name and renamed into place once complete, so a run killed mid-write leaves
 only a ``.partial`` folder, which is never loaded. A file whose checksum does not match its manifest is refused.
@@ -35,6 +37,7 @@ LOG = logging.getLogger("prune_plugin")
 FORMAT = "prune-plugin-checkpoint"
 VERSION = 1
 MATRICES = "matrices.safetensors"
+BASES = "bases.safetensors"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^edit-(\d{6,})$")
 PARTIAL = ".partial"
@@ -72,6 +75,12 @@ class Checkpoint:
         from safetensors.torch import load_file
 
         return load_file(str(self.path / MATRICES))
+
+    def bases(self) -> dict[str, torch.Tensor]:
+        """The restraint's start bases saved with the matrices (empty for a checkpoint written without any)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / BASES)) if BASES in self.manifest.get("files", {}) else {}
 
 
 def folder_name(edits: int) -> str:
@@ -117,8 +126,9 @@ def json_safe(value: Any) -> Any:
 
 
 def write_checkpoint(directory: str | os.PathLike, edits: int, matrices: Mapping[str, torch.Tensor],
-                     manifest: Mapping[str, Any]) -> Path:
-    """Write `matrices` (name -> tensor) and `manifest` as ``<directory>/edit-<edits>/``, atomically.
+                     manifest: Mapping[str, Any], bases: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `matrices` (name -> tensor), `bases` (the restraint's start bases, if any) and `manifest` as
+    ``<directory>/edit-<edits>/``, atomically.
 
     The manifest gets the format, the edit count, the matrices' dtypes and shapes, and the files' checksums added.
     An existing checkpoint of the same count is replaced only once the new one is complete."""
@@ -135,11 +145,16 @@ def write_checkpoint(directory: str | os.PathLike, edits: int, matrices: Mapping
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in matrices.items()}
         save_file(tensors, str(partial / MATRICES))
         _fsync(partial / MATRICES)
+        files = [MATRICES]
+        if bases:
+            save_file({name: b.detach().to("cpu").contiguous() for name, b in bases.items()}, str(partial / BASES))
+            _fsync(partial / BASES)
+            files.append(BASES)
         body = {
             **json_safe(dict(manifest)), "format": FORMAT, "version": VERSION, "edits": edits,
             "matrices": {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
                          for n, t in tensors.items()},
-            "files": {MATRICES: {"sha256": sha256_file(partial / MATRICES), "bytes": (partial / MATRICES).stat().st_size}},
+            "files": {f: {"sha256": sha256_file(partial / f), "bytes": (partial / f).stat().st_size} for f in files},
             "written": time.time(),
         }
         (partial / MANIFEST).write_text(json.dumps(body, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

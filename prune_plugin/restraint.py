@@ -158,6 +158,9 @@ class Restraint(RestraintFigures):
     singular_values: torch.Tensor  # the singular values of dW used (see `rank`), float64, descending
     restrained_values: torch.Tensor  # F applied to them
     next_rank_hint: int = 0  # the rank_hint that sizes the next restraint of this matrix best
+    # Orthonormal columns (float32) spanning what a block that captured dW found of it (None otherwise): the next
+    # restraint's start_basis, so that it draws only _OVERSAMPLE fresh columns for what the edits since added.
+    next_basis: torch.Tensor | None = None
 
 
 class Update(NamedTuple):
@@ -324,10 +327,14 @@ def _refine_top(
 
 def _top_triplets(
     d: torch.Tensor, threshold: float, lipschitz: float, accuracy: float, block: int, generator: torch.Generator,
-    fro2: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int] | None:
-    """(U_k, S_k, V_k^T, s_1, block size used) for the k singular values of d >= threshold, certified, or None
-    (then a dense SVD decides).
+    fro2: float, start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int, torch.Tensor | None] | None:
+    """(U_k, S_k, V_k^T, s_1, block size used, captured basis or None) for the k singular values of d >=
+    threshold, certified, or None (then a dense SVD decides).
+
+    `start` (orthonormal columns, the previous restraint's captured basis) replaces all but _OVERSAMPLE of the
+    first block's random columns: a sequence of edits adds few directions to dW between two restraints, and those
+    the fresh columns catch. It only sets where the iteration starts; every certificate below is the same.
 
     With Q the block's orthonormal basis, B = Q^T d = Ub S Vt and the Ritz triplets (s_i, Q ub_i, v_i), the
     residuals r_i = d v_i - s_i Q ub_i satisfy d^T (Q ub_i) = s_i v_i exactly, and:
@@ -336,16 +343,22 @@ def _top_triplets(
     - s_i(d) >= s_i(B) >= threshold for i <= k (interlacing), and s_{k+1}(d) <= max(s_{k+1}(B), ||E_c||_2) +
       ||R_c||_F for the first c >= k Ritz triplets and E_c = d deflated by them (Weyl): below the threshold,
       exactly k values reach it.
-    ||E_c||_F^2 = ||d||_F^2 - sum_{i<=c} s_i^2 - ||R_c||_F^2 settles it when the block captures d (low rank);
-    otherwise deflated_norm_bound.
+    When the block captures d (low rank: ||d - Q B||_F^2 = ||d||_F^2 - ||B||_F^2, below the threshold^2) the count
+    needs no residuals: s_{k+1}(d)^2 <= s_{k+1}(B)^2 + ||d - Q B||^2. Otherwise ||E_c||_F^2 = ||d||_F^2 -
+    sum_{i<=c} s_i^2 - ||R_c||_F^2 may settle it, and deflated_norm_bound does when it does not.
     The block grows (keeping what it has found) when it is saturated or its last Ritz value is too close to the
     k-th for the iteration to converge quickly: more columns then capture a low-rank dW whole.
     """
     m, n = d.shape
     limit = min(m, n) // 2
-    if block > limit:
+    if start is not None and 0 < start.shape[1] <= limit - _OVERSAMPLE:
+        fresh = _apply_right(d, torch.randn(_OVERSAMPLE, n, dtype=d.dtype, device=d.device, generator=generator))
+        y = torch.cat([start.to(d), fresh], dim=1)
+        block = y.shape[1]
+    elif block > limit:
         return None
-    y = _apply_right(d, torch.randn(block, n, dtype=d.dtype, device=d.device, generator=generator))
+    else:
+        y = _apply_right(d, torch.randn(block, n, dtype=d.dtype, device=d.device, generator=generator))
     iterations = 0
     while True:
         q, _ = torch.linalg.qr(y)
@@ -368,14 +381,18 @@ def _top_triplets(
         # and the rest: the count is certified without a further pass, and the correction's accuracy needs at
         # most the residuals of the k restrained triplets (a k-column pass).
         missed = math.sqrt(max(fro2 - float(s.square().sum()), 0.0) + _ROUNDOFF * fro2)
-        if max(below, missed) + missed < threshold:
+        # d^T d = B^T B + R^T R (Q^T R = 0, R = d - Q B), so by Weyl s_{k+1}(d)^2 <= below^2 + ||R||^2: second
+        # order in the miss, which matters online, where F has left values just above smax(W0) and others at it.
+        if math.hypot(below, missed) < threshold:
             # The next block need only hold d's numerical rank (what it captured above the miss) and the margin.
-            captured = min(block, int((s > missed).sum()) + _OVERSAMPLE)
+            found = int((s > missed).sum())
+            captured = min(block, found + _OVERSAMPLE)
+            basis = (q @ ub[:, :max(found, k)]).to(torch.float32)
             if lipschitz * missed <= accuracy / 2:
-                return q @ ub[:, :k], s[:k], vt[:k], top, captured
+                return q @ ub[:, :k], s[:k], vt[:k], top, captured, basis
             refined = _refine_top(d, q @ ub[:, :k], s[:k], vt[:k], threshold, lipschitz, accuracy, missed)
             if refined is not None:
-                return (*refined, top, captured)
+                return (*refined, top, captured, basis)
         y = _apply_right(d, vt)  # d V = d d^T U S^-1: the residuals now, and the next subspace iterate
         ritz_u = q @ ub
         r = y - ritz_u * s
@@ -395,29 +412,29 @@ def _top_triplets(
         if max(below, rest) + res_c >= threshold:
             rest = deflated_norm_bound(d, ritz_u[:, :c], vt[:c], generator)
         if max(below, rest) + res_c < threshold:
-            return ritz_u[:, :k], s[:k], vt[:k], top, block
+            return ritz_u[:, :k], s[:k], vt[:k], top, block, None
         iterations = _MAX_ITERATIONS  # too much of d near the threshold for this block: grow it
 
 
 def _exact_update(
     d: torch.Tensor, smax_original: float, alpha: Alpha, never_enlarge: bool, accuracy: float, block: int,
-    generator: torch.Generator, fro: float,
+    generator: torch.Generator, fro: float, start: torch.Tensor | None,
 ) -> tuple[Update | None, Restraint]:
     lipschitz = correction_lipschitz(smax_original, alpha)
-    found = _top_triplets(d, smax_original, lipschitz, accuracy, block, generator, fro * fro)
+    found = _top_triplets(d, smax_original, lipschitz, accuracy, block, generator, fro * fro, start)
     path: Literal["lowrank", "dense"] = "lowrank"
     if found is None:
         path = "dense"
         u, s, vt = torch.linalg.svd(d, full_matrices=False)
         k = int((s >= smax_original).sum())
-        found = (u[:, :k], s[:k], vt[:k], float(s[0]), 0)
+        found = (u[:, :k], s[:k], vt[:k], float(s[0]), 0, None)
         del u, vt
-    u, s, vt, top, block_used = found
+    u, s, vt, top, block_used, basis = found
     new_s, n_restrained, n_guarded = restrain_values(s, smax_original, alpha, never_enlarge)
     figures = Restraint(
         smax_original=smax_original, smax_delta=top, delta_fro=fro, rank=len(s), n_restrained=n_restrained,
         n_guarded=n_guarded, path=path, singular_values=s, restrained_values=new_s,
-        next_rank_hint=max(block_used - _OVERSAMPLE, len(s)),
+        next_rank_hint=max(block_used - _OVERSAMPLE, len(s)), next_basis=basis,
     )
     change = new_s - s
     if n_restrained == 0 or not bool((change != 0).any()):
@@ -472,6 +489,7 @@ def restrain_factors(
     rank_rule: RankRule = "exact",
     accuracy: float | None = None,
     rank_hint: int = 0,
+    start_basis: torch.Tensor | None = None,
     seed: int = 0,
     fro: float | None = None,
 ) -> tuple[Update | None, Restraint]:
@@ -480,11 +498,15 @@ def restrain_factors(
     The restrained matrix is base + U diag(values) V^T (see Update); keeping it factored lets a caller write it
     in row blocks instead of materialising another m x n float64 matrix. `accuracy` is the absolute Frobenius
     error the exact rule may make on the restrained matrix (default: storage_accuracy(float32) * ||delta||_F);
-    `rank_hint` is the rank found last time for this matrix, which sizes the first block; `fro` is ||delta||_F
-    when the caller already has it. Raises FloatingPointError on a non-finite delta.
+    `rank_hint` is the rank found last time for this matrix, which sizes the first block; `start_basis` (the
+    exact rule only) is the basis it captured then (Restraint.next_basis), from which the first block starts;
+    `fro` is ||delta||_F when the caller already has it. Raises FloatingPointError on a non-finite delta.
     """
     rank_rule = parse_rank_rule(rank_rule)
     _check_threshold(smax_original)
+    if start_basis is not None and (start_basis.ndim != 2 or start_basis.shape[0] != delta.shape[0]):
+        raise ValueError(f"start_basis is {tuple(start_basis.shape)}: it needs {delta.shape[0]} rows, one per row "
+                         "of delta (the next_basis of this matrix's previous restraint)")
     d = delta.to(torch.float64)
     if fro is None:
         fro = float(torch.linalg.vector_norm(d))
@@ -498,7 +520,7 @@ def restrain_factors(
     if accuracy is None:
         accuracy = storage_accuracy(torch.float32) * fro
     block = max(rank_hint + _OVERSAMPLE, 2 * _OVERSAMPLE)
-    return _exact_update(d, smax_original, alpha, never_enlarge, accuracy, block, generator, fro)
+    return _exact_update(d, smax_original, alpha, never_enlarge, accuracy, block, generator, fro, start_basis)
 
 
 def restrain_delta(
@@ -549,6 +571,7 @@ def restrain_parameter(
     never_enlarge: bool = True,
     rank_rule: RankRule = "exact",
     rank_hint: int = 0,
+    start_basis: torch.Tensor | None = None,
     seed: int = 0,
     write: bool = True,
 ) -> tuple[Restraint, bool]:
@@ -578,7 +601,7 @@ def restrain_parameter(
     accuracy = storage_accuracy(weight.dtype) * math.sqrt(w_norm2)
     update, figures = restrain_factors(
         d, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule, accuracy=accuracy,
-        rank_hint=rank_hint, seed=seed, fro=fro,
+        rank_hint=rank_hint, start_basis=start_basis, seed=seed, fro=fro,
     )
     del d
     if not write or update is None:

@@ -86,6 +86,8 @@ class EditSession:
         self.conditions = ConditionNumbers()  # telemetry's cond(W): W0's Gram spectrum kept per matrix
         self.steps: list[EditStep] = []
         self.rank_hints: dict[str, int] = {}
+        # The basis each matrix's last restraint captured of dW (float32, m x rank): where the next one starts
+        self.bases: dict[str, torch.Tensor] = {}
         self.last_restraint: dict[str, MatrixFigures] = {}  # figures of the latest restrain_now()
         # Condition numbers cost passes over dW (a dense Gram pass when dW is not low-rank) and keep W0's Gram
         # spectrum per matrix: measured only for a plugin that records them (telemetry switches this on)
@@ -138,11 +140,14 @@ class EditSession:
         self.pm.hook.prune_edit_end(session=self, model=self.model, steps=self.steps, originals=self.originals)
         self.ended = True
 
-    def resume_at(self, index: int, weights: Mapping[str, torch.Tensor], rank_hints: Mapping[str, int] = ()) -> None:
+    def resume_at(self, index: int, weights: Mapping[str, torch.Tensor], rank_hints: Mapping[str, int] = (),
+                  bases: Mapping[str, torch.Tensor] = ()) -> None:
         """Continue a sequence from a checkpoint: `index` edits were applied before, and `weights` (target name ->
-        value) is where they left the targets. W0 is recorded first, so restraint still measures dW from W0."""
+        value) is where they left the targets. W0 is recorded first, so restraint still measures dW from W0.
+        `rank_hints` and `bases` are the restraint's state when the checkpoint was written: with them the resumed
+        run restrains bit for bit as the uninterrupted one."""
         self.begin()
-        unknown = sorted(set(weights) - set(self.targets))
+        unknown = sorted((set(weights) | set(dict(bases))) - set(self.targets))
         if unknown:
             raise KeyError(f"resume: {unknown[0]!r} is not one of this session's targets")
         for name, value in weights.items():  # check every matrix before writing any
@@ -155,6 +160,7 @@ class EditSession:
                 get_parameter(self.model, name).copy_(value)
         self.first_index = index
         self.rank_hints.update(dict(rank_hints))
+        self.bases.update({n: b.to(get_parameter(self.model, n).device) for n, b in dict(bases).items()})
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
         self._restrained_prints.clear()  # the matrices are the checkpoint's now, restrained or not
 
@@ -203,12 +209,17 @@ class EditSession:
                     cond_before = self.conditions.get(name, param, original) if self.measure_condition else None
                     result, wrote = restrain_parameter(
                         param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
-                        rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0), write=write,
+                        rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0),
+                        start_basis=self.bases.get(name), write=write,
                     )
                 except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
                     raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                              "restrained (session.restore() gives back W0)") from None
                 self.rank_hints[name] = result.next_rank_hint
+                if result.next_basis is None:
+                    self.bases.pop(name, None)
+                else:
+                    self.bases[name] = result.next_basis
                 cond_after = ((self.conditions.get(name, param, original) if wrote else cond_before)
                               if self.measure_condition else None)
             if result.n_guarded and write:

@@ -174,6 +174,9 @@ def test_a_run_killed_mid_sequence_resumes_to_the_same_weights_bit_for_bit(tmp_p
     assert all(torch.equal(want[n], got[n]) for n in want)
     final_counts = [read_checkpoint(p).edits for p in list_checkpoints(interrupted / "checkpoints")]
     assert final_counts == [1, 2, 3, 4, 5, 6]
+    if mode == "online":  # the basis each restraint starts from travels with the checkpoint
+        bases = read_checkpoint(interrupted / "checkpoints" / "edit-000003").bases()
+        assert set(bases) == {"model.layers.1.mlp.down_proj.weight"}
 
 
 @pytest.fixture(scope="module")

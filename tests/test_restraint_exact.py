@@ -185,3 +185,80 @@ def test_a_non_finite_edit_is_refused_with_a_clear_error_and_w_left_as_written(b
     with pytest.raises(FloatingPointError, match="weight: the edit left non-finite values"):
         session.after_edit({})
     assert torch.equal(model.weight.detach().view(torch.int32), w.view(torch.int32))  # bit patterns: NaN != NaN
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_each_restraint_of_an_online_sequence_meets_the_reference_when_it_starts_from_the_previous_basis(dtype):
+    """Online mode keeps the basis each restraint captured and starts the next one from it, with only a few fresh
+    random columns for what the edits since added: single directions (ROME), a batch of twelve at once (more
+    than the fresh columns) and one below smax(W0). Every restraint still meets the float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    m, n, smax0 = 160, 400, 3.0
+    w0 = random_original(g, m, n, smax0, dtype)
+    model = one_matrix_model(w0)
+    config = PruneConfig(prune=True, prune_alpha=math.e, prune_mode="online", prune_never_enlarge=True)
+    session = edit_session(model, config, ["weight"])
+    directions = [1, 1, 12, 1, 1, 1]
+    for step, count in enumerate(directions):
+        session.before_edit()
+        strength = smax0 * (0.5 if step == 4 else 2.0 + step)
+        with torch.no_grad():
+            edit = random_delta(g, m, n, "low rank", count, strength / 6)
+            model.weight.copy_((model.weight.double() + edit).to(dtype))
+        before = model.weight.detach().clone()
+        figures = session.after_edit({"prompt": f"edit {step}"}).figures["weight"]
+        assert figures.path == "lowrank"
+        assert_meets_reference(model.weight.detach(), reference_restrained(w0, before, math.e, True), dtype)
+        basis = session.bases["weight"]
+        assert basis.dtype == torch.float32 and basis.shape[0] == m and basis.shape[1] >= figures.rank
+    assert session.bases["weight"].shape[1] <= sum(directions) + 8  # the captured rank, not a growing block
+
+
+def test_any_start_basis_gives_the_certified_result_and_a_wrong_shape_is_refused():
+    """The start basis only sets where the iteration starts: a random one (nothing to do with dW) gives the
+    same restrained matrix as none, to the requested accuracy, and one with the wrong number of rows is refused."""
+    from prune_plugin.restraint import restrain_factors
+
+    g = torch.Generator().manual_seed(5)
+    w0 = random_original(g, 120, 300, 3.0, torch.float64)
+    d = random_delta(g, 120, 300, "low rank", 6, 3.0)
+    smax0 = float(torch.linalg.svdvals(w0)[0])
+    reference = reference_restrained(w0, w0 + d, math.e, True) - w0
+
+    def restrained(start):
+        update, figures = restrain_factors(d, smax0, math.e, start_basis=start, accuracy=1e-10 * float(d.norm()))
+        return d + (update.u * update.values) @ update.vt, figures
+
+    unrelated = torch.linalg.qr(torch.randn(120, 10, generator=g, dtype=torch.float64))[0].float()
+    for start in (None, unrelated):
+        result, figures = restrained(start)
+        assert figures.rank == figures.n_restrained == int((torch.linalg.svdvals(d) >= smax0).sum()) > 0
+        assert float((result - reference).norm()) <= 1e-9 * float(reference.norm())
+    with pytest.raises(ValueError, match="start_basis is \\(119, 10\\): it needs 120 rows"):
+        restrain_factors(d, smax0, math.e, start_basis=unrelated[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).split(".")[-1])
+def test_values_just_above_and_just_below_smax_of_w0_are_counted_from_the_captured_block(dtype):
+    """Online PRUNE leaves restrained values just above smax(W0), and an edit can leave one just below it, far
+    closer than the storage rounding of W that the block cannot capture. The count is still certified from the
+    block alone (s_{k+1}(dW)^2 <= s_{k+1}(B)^2 + ||dW - Q B||^2), so the restraint keeps its basis for the next one."""
+    from prune_plugin.restraint import restrain_parameter
+
+    g = torch.Generator().manual_seed(3)
+    m, n = 160, 400
+    w0 = random_original(g, m, n, 3.0, dtype)
+    smax0 = float(torch.linalg.svdvals(w0.double())[0])
+    a = torch.linalg.qr(torch.randn(m, 4, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(n, 4, generator=g, dtype=torch.float64))[0]
+    values = smax0 * torch.tensor([3.0, 1 + 1e-6, 1 + 1e-7, 1 - 1e-8], dtype=torch.float64)
+    w = (w0.double() + (a * values) @ b.mT).to(dtype)
+    s = torch.linalg.svdvals(w.double() - w0.double())
+    # closer than what the block cannot capture: W's storage rounding, and float64 round-off in ||dW||_F^2
+    missed = math.hypot(float((w.double() - w0.double() - (a * values) @ b.mT).norm()), 3e-7 * float(s.norm()))
+    assert float(s[3]) < smax0 <= float(s[2]) and smax0 - float(s[3]) < missed
+    reference = reference_restrained(w0, w, math.e, True)
+    figures, wrote = restrain_parameter(w, w0, smax0, math.e)
+    assert wrote and figures.path == "lowrank" and figures.rank == figures.n_restrained == 3
+    assert figures.next_basis is not None and figures.next_basis.shape == (m, 4)
+    assert_meets_reference(w, reference, dtype)

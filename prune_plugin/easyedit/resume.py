@@ -102,7 +102,7 @@ def resume(editor: Any, records: Sequence[dict], checkpoint: Checkpoint | str | 
     if state.get("seed") != session.config.edit_seed:
         raise CheckpointMismatchError(f"{checkpoint.path}: written with seed {state.get('seed')!r}, this run "
                                       f"seeds {session.config.edit_seed!r}")
-    session.resume_at(checkpoint.edits, checkpoint.matrices(), state.get("rank_hints", {}))
+    session.resume_at(checkpoint.edits, checkpoint.matrices(), state.get("rank_hints", {}), checkpoint.bases())
     set_context_templates(state.get("context_templates", {}))
     session.pm.get_plugin("checkpoint").resumed_from(checkpoint)
     LOG.info("resumed from %s: %d of %d requests already applied", checkpoint.path, checkpoint.edits, len(records))

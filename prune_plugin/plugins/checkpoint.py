@@ -92,7 +92,7 @@ class Checkpointing:
             "model": self.identity,
             "state": {"seed": session.config.edit_seed, "rank_hints": dict(session.rank_hints), **self.state()},
         }
-        path = write_checkpoint(self.directory, edits, matrices, manifest)
+        path = write_checkpoint(self.directory, edits, matrices, manifest, session.bases)
         self.seconds.append(time.perf_counter() - start)
         self.written.append(path)
         LOG.info("checkpoint after %d edits: %s (%.2f s)", edits, path, self.seconds[-1])
