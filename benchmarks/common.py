@@ -103,6 +103,23 @@ def timed(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, setup: Callab
     return timing, result
 
 
+def paired_ratio(a: Callable[[], Any], b: Callable[[], Any], *, pairs: int, setup_a: Callable[[], Any] | None = None,
+                 setup_b: Callable[[], Any] | None = None, collect: bool = False) -> tuple[float, Timing, Timing]:
+    """(median of the per-pair ratios a / b, a's timing, b's timing) over `pairs` interleaved calls a, b, a, b, ...
+    (each after its own untimed setup). Load and the order of timed blocks then hit both sides alike, so the
+    ratio of two calls of tens of milliseconds holds still where two separate timed blocks' medians do not."""
+    ta, tb = Timing(), Timing()
+    for fn, setup, timing in [(a, setup_a, ta), (b, setup_b, tb)] * pairs:
+        if setup is not None:
+            setup()
+        if collect:
+            gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        timing.samples.append(time.perf_counter() - t0)
+    return statistics.median(x / y for x, y in zip(ta.samples, tb.samples)), ta, tb
+
+
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"

@@ -13,22 +13,29 @@ smaller side) is computed once per matrix and kept; an edit then costs passes ov
    exactly, from a 2r x 2r matrix (Haynsworth): #{lambda(G') < t} = #{L0 < t} + n_pos(H(t)) - #{c > 0}, with
    H(t) = diag(1/c) + U~^T diag(1/(L0 - t)) U~. Bisection on that count brackets lambda_min(G') and lambda_max(G').
 4. The brackets, widened by the float64 error of G0's eigendecomposition and of the update (Weyl) and by ||E||_F,
-   bound cond(W) from both sides; the estimate is returned when the two bounds are within 2 rtol of each other
+   bound cond(W) from both sides (and by the round-off bound a DeltaBasis carries, see below); the estimate is returned when the two bounds are within 2 rtol of each other
    (so it is within rtol of the exact value), otherwise None and the caller takes the exact route. A sign of H(t)
    too close to zero to trust, a full-rank dW (the basis would need more than _MAX_BLOCK_FRACTION of the smaller
    side) or a nearly singular W all end in None.
 
-Extra memory kept per matrix: V0 and L0, 8 s^2 + 8 s bytes for the smaller side s (128 MiB at 4096x11008); while
-it runs, one float64 copy of dW (8 m n bytes, like the restraint) and a few s x 2r and n x r blocks.
+Along a sequence each call hands the next a DeltaBasis: Q, R, and V0^T Q and V0^T W0 R, so that the next call pays
+products with W0 (a pass over it) and V0 (s^2 flops per column) only for the numerical rank of the change in R (one
+column for a ROME edit), not for all of R; the round-off those updates gather is bounded, counted in the certificate,
+and the two are formed afresh once it reaches a sixteenth of what the certificate can spare.
+
+Extra memory kept per matrix: V0 and L0, 8 s^2 + 8 s bytes for the smaller side s (128 MiB at 4096x11008), and the
+DeltaBasis, 8 (3 s + l) r bytes for rank r (36 MiB at rank 100 there); while it runs, one float64 copy of dW (8 m n
+bytes, like the restraint) and a few s x 2r and n x r blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .restraint import _apply_right, _orthonormal_beside, _wide_svd
+from .restraint import Update, _apply_right, _orthonormal_beside, _wide_svd, delta_of
 from .spectrum import _gram, condition_number
 
 #: Relative accuracy of the estimate; telemetry's figure needs no more.
@@ -46,6 +53,28 @@ _ROUNDOFF = 1e-13
 #: An eigenvalue of H(t) below _SIGN_TOL (s + 2r) times its entries' scale has an untrusted sign (16 eps).
 _SIGN_TOL = 16 * _EPS
 _BISECTIONS = 80
+
+
+@dataclass(frozen=True)
+class DeltaBasis:
+    """What an estimate learned of dW for the next one: an orthonormal basis q of dW's columns (on the smaller side),
+    R = dW^T q as the estimate represented dW (dW ~ q R^T), and, in W0's eigenbasis, V0^T q and V0^T W0 R, so that
+    the next estimate pays products with W0 and V0 only for the change in R. `drift` bounds the round-off the two
+    have gathered from those updates (as a bound on the error they put into W' W'^T); `updates` counts the calls
+    since they were last formed afresh; `eigen` is where the next estimate's bisections start."""
+
+    q: torch.Tensor
+    r: torch.Tensor
+    vq: torch.Tensor
+    vx: torch.Tensor
+    drift: float = 0.0
+    updates: int = 0
+    eigen: tuple[float, float] | None = None  # (lambda_min, lambda_max) of W' W'^T the estimate bracketed
+    missed: float = 0.0  # the bound on ||dW - q R^T||_F the estimate used
+
+    @property
+    def rank(self) -> int:
+        return self.q.shape[1]
 
 
 @dataclass
@@ -111,9 +140,21 @@ class _Slicer:
         return None
 
 
-def _bracket(slicer: _Slicer, lo: float, hi: float, index: int, rtol: float) -> tuple[float, float] | None:
+#: Half-width (relative) of the first bracket tried around the previous call's eigenvalue.
+_WARM_WIDTH = 2e-3
+
+
+def _bracket(slicer: _Slicer, lo: float, hi: float, index: int, rtol: float, guess: float | None = None
+             ) -> tuple[float, float] | None:
     """[lo, hi] with #{eig < lo} <= index < #{eig < hi}, i.e. the (index+1)-th smallest eigenvalue in [lo, hi],
-    narrowed by bisection to hi <= lo (1 + rtol); None when a count is not reliable or a bound does not hold."""
+    narrowed by bisection to hi <= lo (1 + rtol); None when a count is not reliable or a bound does not hold.
+    `guess` (the previous call's value: an edit moves it little) is tried first: two counts that bracket it
+    within +-_WARM_WIDTH certify that bracket on their own and leave a few bisection steps."""
+    if guess is not None and lo < guess < hi:
+        below = slicer.robust_count(guess * (1 - _WARM_WIDTH))
+        above = slicer.robust_count(guess * (1 + _WARM_WIDTH))
+        if below is not None and above is not None and below[1] <= index < above[1]:
+            return _bisect(slicer, below[0], above[0], index, rtol)
     start = slicer.robust_count(lo * (1 - 1e-9))  # widened off the poles the bounds often sit on
     end = slicer.robust_count(hi * (1 + 1e-9))
     if start is None or end is None:
@@ -121,6 +162,11 @@ def _bracket(slicer: _Slicer, lo: float, hi: float, index: int, rtol: float) -> 
     (lo, n_lo), (hi, n_hi) = start, end
     if not (n_lo <= index < n_hi):
         return None
+    return _bisect(slicer, lo, hi, index, rtol)
+
+
+def _bisect(slicer: _Slicer, lo: float, hi: float, index: int, rtol: float) -> tuple[float, float] | None:
+    """Bisection of a bracket [lo, hi] of the (index+1)-th smallest eigenvalue down to hi <= lo (1 + rtol)."""
     for _ in range(_BISECTIONS):
         if hi <= lo * (1 + rtol):
             return lo, hi
@@ -140,20 +186,8 @@ def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.mT if transposed else t
 
 
-#: Rows converted to float64 at a time (about 16 MiB), so that no float64 copy of W or W0 is made.
+#: Rows converted to float64 at a time (about 16 MiB), so that no float64 copy of W0 is made.
 _BLOCK_ELEMENTS = 1 << 21
-
-
-def _difference(weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """W - W0 in float64, formed in row blocks (W0 may live on another device)."""
-    m, n = weight.shape
-    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    d = torch.empty((m, n), dtype=torch.float64, device=weight.device)
-    for start in range(0, m, rows):
-        block = d[start:start + rows]
-        block.copy_(weight[start:start + rows])
-        block.sub_(original[start:start + rows].to(weight.device).to(torch.float64))
-    return d
 
 
 def _times(original: torch.Tensor, r: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -172,19 +206,36 @@ def _times(original: torch.Tensor, r: torch.Tensor, transposed: bool) -> torch.T
     return out
 
 
+def _start(basis: DeltaBasis | torch.Tensor | None, vectors: torch.Tensor, small: int, large: int,
+           like: torch.Tensor) -> DeltaBasis:
+    """The state an estimate starts from: the previous call's, a bare basis (nothing known along it yet), or none."""
+    if isinstance(basis, DeltaBasis) and basis.q.shape[0] == small and basis.r.shape[0] == large:
+        return DeltaBasis(*(t.to(like) for t in (basis.q, basis.r, basis.vq, basis.vx)), basis.drift, basis.updates,
+                          basis.eigen, basis.missed)
+    q = like.new_zeros(small, 0)
+    if isinstance(basis, torch.Tensor) and basis.ndim == 2 and basis.shape[0] == small and 0 < basis.shape[1] < small:
+        q = torch.linalg.qr(basis.to(like))[0]  # a basis from elsewhere (float32, say): orthonormal in float64
+    return DeltaBasis(q, like.new_zeros(large, q.shape[1]), vectors.mT @ q, like.new_zeros(small, q.shape[1]))
+
+
 def certified_condition_number(
     weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, *, rtol: float = COND_RTOL,
-    basis: torch.Tensor | None = None, seed: int = 0,
-) -> tuple[float | None, torch.Tensor | None]:
-    """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and the
-    orthonormal basis of dW = W - W0's columns it worked with (its rank = the basis' width), None when dW is not
-    low-rank. `spectrum` is gram_spectrum(original). `basis`, the one a previous call returned for this matrix,
-    starts the range finder: the restrained dW lies in the edited dW's column space, and the next edit adds a few
-    columns to it, so only those cost new passes."""
+    basis: DeltaBasis | torch.Tensor | None = None, seed: int = 0, delta: torch.Tensor | None = None,
+) -> tuple[float | None, DeltaBasis | None]:
+    """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and what
+    it learned of dW = W - W0 (DeltaBasis: the orthonormal basis of dW's columns it worked with, rank = its width),
+    None when dW is not low-rank. `spectrum` is gram_spectrum(original). `basis`, what a previous call returned for
+    this matrix (or just a basis), starts the range finder: the restrained dW lies in the edited dW's column space,
+    and the next edit adds a few columns to it, so only those cost new passes; and W0 R and V0^T W0 R, the
+    costliest products besides the passes over dW, are then updated by the change in R alone (its numerical
+    rank: one for a ROME edit, the restrained count for a restraint). `delta`: dW in float64 when the caller has
+    formed it already (restraint.delta_of, shared with the restraint); only read."""
     w = weight.detach()
     if w.shape != original.shape:
         raise ValueError(f"weight {tuple(w.shape)} and original {tuple(original.shape)} differ in shape")
-    d = _oriented(_difference(w, original.detach()), spectrum.transposed)
+    if delta is not None and delta.shape != w.shape:
+        raise ValueError(f"delta {tuple(delta.shape)} and weight {tuple(w.shape)} differ in shape")
+    d = _oriented(delta_of(w, original.detach())[0] if delta is None else delta, spectrum.transposed)
     small, large = d.shape
     fro2 = float(torch.linalg.vector_norm(d)) ** 2
     if not math.isfinite(fro2):
@@ -197,7 +248,8 @@ def certified_condition_number(
         return None, None  # W0 is singular: no relative accuracy on smin from here
     # (the final check allows 2 rtol in all: 2 budget / smin here, rtol / 4 for each bisection)
     budget = rtol * math.sqrt(float(values[0])) / 3
-    q = d.new_zeros(small, 0) if basis is None or basis.shape[0] != small else basis.to(d)
+    state = _start(basis, vectors, small, large, d)
+    q, r_old, vq, vx = state.q, state.r, state.vq, state.vx
     r = (q.mT @ d).mT
     missed2 = fro2 - float(r.square().sum())
     block = q.shape[1] + max(_OVERSAMPLE, _MIN_BLOCK - q.shape[1])
@@ -209,6 +261,8 @@ def certified_condition_number(
         qn = _orthonormal_beside(_apply_right(d, omega), q)
         rn = (qn.mT @ d).mT
         q, r = torch.cat([q, qn], 1), torch.cat([r, rn], 1)
+        r_old, vx = torch.cat([r_old, r_old.new_zeros(large, qn.shape[1])], 1), torch.cat([vx, vx.new_zeros(small, qn.shape[1])], 1)
+        vq = torch.cat([vq, vectors.mT @ qn], 1)
         previous, missed2 = missed2, fro2 - float(r.square().sum())
         block *= 2
         if missed2 > 0.9 * previous:
@@ -216,14 +270,51 @@ def certified_condition_number(
     if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
         return None, None  # far more of dW outside the basis than the budget allows: not low-rank
     missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
-    # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed.
+    return _certify(original, spectrum, rtol, budget, state, q, r, r_old, vq, vx, missed2, d, fro2)
+
+
+def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget: float, state: DeltaBasis,
+             q: torch.Tensor, r: torch.Tensor, r_old: torch.Tensor, vq: torch.Tensor, vx: torch.Tensor,
+             missed2: float, d: torch.Tensor | None, fro2: float) -> tuple[float | None, DeltaBasis]:
+    """Steps 2 to 4 of the module docstring for dW ~ q r^T, ||dW - q r^T||_F^2 <= missed2, starting from `state`
+    (r_old, vq, vx: the state's R and products, padded to q's columns). `d` (oriented dW) lets the miss be measured
+    where its bound is too coarse; without it (dW not formed) the bound stands."""
+    values, vectors = spectrum.values.to(q.device), spectrum.vectors.to(q.device)
+    small, large = q.shape[0], r.shape[0]
+    drift, updates = state.drift, state.updates
     if r.shape[1]:
+        # V0^T W0 R from the change in R since the state, at its numerical rank (what is dropped of the change
+        # leaves dW's representation, q R_kept^T, and joins what is missed); afresh when the drift is too large.
+        w0_norm = math.sqrt(float(values[-1]))
+        # Round-off one update adds (generously, dimension x eps x the sizes involved): to V0^T W0 R from W0
+        # (change), V0^T of it and the sum; to V0^T Q from turning it with Q. Each enters W' W'^T twice.
+        unit = 16 * (small + large) * _EPS
+        r_norm, x_norm = float(r.norm()), float(vx.norm())
+        step = 2 * unit * (w0_norm * (r_norm + float(r_old.norm())) + x_norm) + 2 * unit * (x_norm + r_norm ** 2)
+        afresh = updates == 0 or 2 * (drift + step) > rtol * float(values[0]) / 16
+        change = r if afresh else r - r_old
+        uc, sc, vct = _wide_svd(change.mT)  # change = vct^T diag(sc) uc^T
+        tail = sc.square().flip(0).cumsum(0).flip(0)
+        keep = int((tail > budget ** 2 / 16).sum())
+        if keep < len(sc):
+            missed2 += float(tail[keep])
+        kept = (vct[:keep].mT * sc[:keep]) @ uc[:, :keep].mT
+        product = vectors.mT @ (_times(original.detach(), vct[:keep].mT, spectrum.transposed) * sc[:keep]) @ uc[:, :keep].mT
+        if afresh:
+            if updates:  # V0^T Q has turned with Q since it was formed: afresh too
+                vq = vectors.mT @ q
+            r, vx, drift, updates = kept, product, 0.0, 1
+        else:
+            r, vx, drift, updates = r_old + kept, vx + product, drift + step, updates + 1
+        # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed. Q, V0^T Q and V0^T W0 R
+        # turn with R (R ur = vrt^T sr).
         ur, sr, vrt = _wide_svd(r.mT)
         tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
         keep = int((tail > budget ** 2 / 4).sum())
         if keep < len(sr):
             missed2 += float(tail[keep])
-        q, sr, r = q @ ur[:, :keep], sr[:keep], vrt[:keep].mT * sr[:keep]
+        turn = ur[:, :keep]
+        q, sr, r, vq, vx = q @ turn, sr[:keep], vrt[:keep].mT * sr[:keep], vq @ turn, vx @ turn
     rank = q.shape[1]
 
     def measured_miss() -> float:
@@ -234,20 +325,21 @@ def certified_condition_number(
                       for i in range(0, small, rows))
         return math.sqrt(direct2) + 8 * _EPS * math.sqrt(large * fro2)
 
-    measured = rank > 0 and missed2 > budget ** 2
+    measured = d is not None and rank > 0 and missed2 > budget ** 2
     missed = measured_miss() if measured else math.sqrt(missed2)
+    learned = DeltaBasis(q, r, vq, vx, drift, updates, missed=missed)
     if rank:
-        x = _times(original.detach(), r, spectrum.transposed)  # X = W0 R
-        z, rz = torch.linalg.qr(torch.cat([q, x], 1))
-        middle = torch.zeros(2 * rank, 2 * rank, dtype=torch.float64, device=w.device)
+        # W' W'^T - G0 = [Q X] M [Q X]^T (X = W0 R), in W0's eigenbasis: an orthonormal basis of V0^T [Q X]
+        z, rz = torch.linalg.qr(torch.cat([vq, vx], 1))
+        middle = torch.zeros(2 * rank, 2 * rank, dtype=torch.float64, device=q.device)
         middle[:rank, :rank] = torch.diag(sr.square())
-        middle[:rank, rank:] = torch.eye(rank, dtype=torch.float64, device=w.device)
-        middle[rank:, :rank] = torch.eye(rank, dtype=torch.float64, device=w.device)
+        middle[:rank, rank:] = torch.eye(rank, dtype=torch.float64, device=q.device)
+        middle[rank:, :rank] = torch.eye(rank, dtype=torch.float64, device=q.device)
         c, ec = torch.linalg.eigh(rz @ middle @ rz.mT)
         c_top = float(c.abs().max())
         keep_c = c.abs() > 1e-12 * c_top
-        update_error = 16 * (small + large) * _EPS * c_top + float(c[~keep_c].abs().sum())
-        c, u_tilde = c[keep_c], vectors.mT @ (z @ ec[:, keep_c])
+        update_error = 16 * (small + large) * _EPS * c_top + float(c[~keep_c].abs().sum()) + drift
+        c, u_tilde = c[keep_c], z @ ec[:, keep_c]
     else:
         c = values.new_zeros(0)
         u_tilde = values.new_zeros(small, 0)
@@ -264,10 +356,12 @@ def certified_condition_number(
                                    max(small - 1 - n_neg, 0), small - 1]]]
     low_hi = 0.5 * (v[1] + v[2]) if n_pos + 1 < small else v[5] + max(c_max, 0.0)
     high_lo = 0.5 * (v[3] + v[4]) if n_neg + 1 < small else max(v[0] + min(c_min, 0.0), 0.0)
-    low = _bracket(slicer, max(v[0] + min(c_min, 0.0), 0.0), low_hi, 0, lam_rtol)
-    high = _bracket(slicer, high_lo, v[5] + max(c_max, 0.0), small - 1, lam_rtol)
+    previous = state.eigen if state.updates else None
+    low = _bracket(slicer, max(v[0] + min(c_min, 0.0), 0.0), low_hi, 0, lam_rtol, previous and previous[0])
+    high = _bracket(slicer, high_lo, v[5] + max(c_max, 0.0), small - 1, lam_rtol, previous and previous[1])
     if low is None or high is None:
-        return None, q
+        return None, learned
+    learned = dataclasses.replace(learned, eigen=(math.sqrt(low[0] * low[1]), math.sqrt(high[0] * high[1])))
 
     def certified(missed: float) -> float | None:
         smin_lo = math.sqrt(max(low[0] - error, 0.0)) - missed
@@ -279,9 +373,43 @@ def certified_condition_number(
         return math.sqrt(cond_lo * cond_hi) if cond_hi <= cond_lo * (1 + 2 * rtol) else None
 
     value = certified(missed)
-    if value is None and rank and not measured and certified(0.0) is not None:
-        value = certified(measured_miss())  # smin(W) well below smin(W0): the miss measured, not bounded
-    return value, q
+    if value is None and d is not None and rank and not measured and certified(0.0) is not None:
+        missed = measured_miss()  # smin(W) well below smin(W0): the miss measured, not bounded
+        value, learned = certified(missed), dataclasses.replace(learned, missed=missed)
+    return value, learned
+
+
+def condition_after_update(weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, before: DeltaBasis,
+                           update: Update, *, rtol: float = COND_RTOL) -> tuple[float | None, DeltaBasis | None]:
+    """cond(W) right after a restraint wrote `update` into W, from what the estimate of cond(W) before it learned
+    (`before`), with no pass over dW: the restrained dW is dW + U diag(values) V^T (exact rule) or U diag(values)
+    V^T (official rule), so R moves by the update's part along q, and what the update has outside q joins what is
+    missed, with the rounding of writing W in its dtype (at most unit round-off x ||W||_F). As
+    certified_condition_number otherwise; None when that cannot certify (the caller then takes the full route)."""
+    w = weight.detach()
+    values = spectrum.values.to(w.device)
+    if float(values[0]) <= 0 or before.rank == 0:
+        return None, None
+    small = before.q.shape[0]
+    budget = rtol * math.sqrt(float(values[0])) / 3
+    # the update in the estimate's orientation, a diag(vals) b^T with a on the smaller side
+    a, b = (update.vt.mT, update.u) if spectrum.transposed else (update.u, update.vt.mT)
+    a, b, vals = a.to(before.q), b.to(before.q), update.values.to(before.q)
+    if a.shape[0] != small or b.shape[0] != before.r.shape[0]:
+        raise ValueError(f"update of shape {tuple(update.u.shape)} x {tuple(update.vt.shape)} does not fit the "
+                         f"estimate's basis {tuple(before.q.shape)}")
+    along = before.q.mT @ a  # r x k
+    outside = float(((a - before.q @ along) * vals).norm())
+    # W was written as fl(W + update) (float64 sum, then rounded to its dtype): unit round-off of the result, and
+    # the sum's own float64 round-off, (k + 2) eps (|W| + sum_i |value_i| |u_i| |v_i|^T)
+    w_norm = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+    unit = torch.finfo(w.dtype).eps / 2
+    rounding = 1.01 * unit * w_norm + (len(vals) + 2) * _EPS * (w_norm + float(vals.abs().sum()))
+    base, missed = (before.r, before.missed) if update.keeps_delta else (torch.zeros_like(before.r), 0.0)
+    r = base + (b * vals) @ along.mT
+    missed = missed + outside + rounding
+    return _certify(original, spectrum, rtol, budget, before, before.q, r, before.r, before.vq, before.vx,
+                    missed * missed, None, 0.0)
 
 
 class ConditionNumbers:
@@ -291,46 +419,83 @@ class ConditionNumbers:
     def __init__(self, min_elements: int | None = None) -> None:
         self.min_elements = _ESTIMATE_MIN if min_elements is None else min_elements
         self._spectra: dict[str, GramSpectrum] = {}
-        self._bases: dict[str, torch.Tensor] = {}
+        self._bases: dict[str, DeltaBasis] = {}
         self._full_rank: set[str] = set()  # matrices whose dW was found full rank (FT): the exact route from then on
         self.estimated = 0  # how many values came from the estimate (the rest from the exact route)
         self.exact = 0
+        self._current: set[str] = set()  # names whose kept DeltaBasis describes W as it is (set by get())
+        self.from_factors = 0  # how many of the estimated values after_restraint took from a restraint's factors
 
-    def get(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> float:
+    def estimates(self, name: str, weight: torch.Tensor) -> bool:
+        """Whether get() tries the estimate for this matrix (which then needs dW: see its `delta`)."""
+        return weight.numel() >= self.min_elements and weight.ndim == 2 and name not in self._full_rank
+
+    def get(self, name: str, weight: torch.Tensor, original: torch.Tensor, *, delta: torch.Tensor | None = None,
+            start: torch.Tensor | None = None) -> float:
+        """cond(W) of matrix `name`. `delta`: dW = W - W0 in float64 if the caller has it (restraint.delta_of);
+        `start`: a basis of dW's columns from elsewhere (the restraint's captured basis), where the estimate starts
+        when it has learned nothing of this matrix yet (a first look, a resumed run) and W is wide (the estimate
+        works on the smaller side)."""
         w = weight.detach()
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError("non-finite values in the matrix: it has no condition number")
-        if w.numel() >= self.min_elements and w.ndim == 2 and name not in self._full_rank:
+        if self.estimates(name, w):
             if name not in self._spectra:
                 self._spectra[name] = gram_spectrum(original.to(w.device))
-            value, basis = certified_condition_number(w, original, self._spectra[name],
-                                                      basis=self._bases.get(name))
+            basis = self._bases.get(name)
+            if basis is None and start is not None and w.shape[0] <= w.shape[1]:
+                basis = start
+            value, basis = certified_condition_number(w, original, self._spectra[name], basis=basis, delta=delta)
             if basis is None:
                 self._full_rank.add(name)  # its edits are dense (or W0 singular): no use trying again every call
                 self._bases.pop(name, None)
+                self._current.discard(name)
             else:
                 self._bases[name] = basis
+                self._current.add(name)
             if value is not None:
                 self.estimated += 1
                 return value
+        self._current.discard(name)
         self.exact += 1
         return condition_number(w)
+
+    def after_restraint(self, name: str, weight: torch.Tensor, original: torch.Tensor, update: Update | None,
+                        *, delta: torch.Tensor | None = None) -> float:
+        """cond(W) right after a restraint wrote `update` into W, when get() measured this W just before it:
+        from what that estimate learned and the update's factors, with no pass over dW
+        (condition_after_update); otherwise, or when that does not certify, as get()."""
+        state = self._bases.get(name)
+        if update is not None and state is not None and name in self._current and name in self._spectra:
+            self._current.discard(name)
+            value, learned = condition_after_update(weight.detach(), original, self._spectra[name], state, update)
+            if value is not None:
+                self._bases[name] = learned
+                self._current.add(name)
+                self.estimated += 1
+                self.from_factors += 1
+                return value
+        return self.get(name, weight, original, delta=delta)
 
     def keep_spectrum(self, name: str, spectrum: GramSpectrum) -> None:
         """Use `spectrum` as W0's Gram spectrum for `name` (computed once elsewhere, e.g. for several sessions)."""
         self._spectra[name] = spectrum
 
-    def basis(self, name: str) -> torch.Tensor | None:
-        """The basis of dW's columns the latest estimate for `name` found (the next estimate starts from it)."""
+    def basis(self, name: str) -> DeltaBasis | None:
+        """What the latest estimate for `name` learned of dW (its basis, .q; the next estimate starts from it)."""
         return self._bases.get(name)
 
-    def start_afresh(self, name: str, basis: torch.Tensor | None = None) -> None:
+    def start_afresh(self, name: str, basis: DeltaBasis | torch.Tensor | None = None, *, current: bool = False) -> None:
         """Forget what earlier calls learned about `name`'s dW (its basis, a full-rank verdict), and start the next
-        estimate from `basis` if given."""
+        estimate from `basis` if given; `current`: that DeltaBasis is what get() learned of W as it is now (so
+        after_restraint may update it by a restraint's factors)."""
         self._full_rank.discard(name)
+        self._current.discard(name)
         self._bases.pop(name, None)
         if basis is not None:
             self._bases[name] = basis
+            if current and isinstance(basis, DeltaBasis):
+                self._current.add(name)
 
     def nbytes(self) -> int:
         """Bytes kept between calls (the Gram spectra of W0)."""
@@ -340,3 +505,4 @@ class ConditionNumbers:
         self._spectra.clear()
         self._bases.clear()
         self._full_rank.clear()
+        self._current.clear()

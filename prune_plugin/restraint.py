@@ -161,6 +161,9 @@ class Restraint(RestraintFigures):
     # Orthonormal columns (float32) spanning what a block that captured dW found of it (None otherwise): the next
     # restraint's start_basis, so that it draws only _OVERSAMPLE fresh columns for what the edits since added.
     next_basis: torch.Tensor | None = None
+    # What restrain_parameter wrote into W (None when it wrote nothing): telemetry's cond(W) after the restraint
+    # updates its picture of dW by it (condition.condition_after_update)
+    written: Update | None = None
 
 
 class Update(NamedTuple):
@@ -562,6 +565,24 @@ _BLOCK_ELEMENTS = 1 << 21
 
 
 @torch.no_grad()
+def delta_of(weight: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(dW = W - W0 in float64 on W's device, ||W||_F^2), formed in row blocks of about 16 MiB: an op between
+    float64 and float32 tensors would first make a float64 copy of the whole of W0, block by block that copy
+    stays in cache (and W0 may sit on another device: it is moved in its own dtype)."""
+    m, n = weight.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    w = weight.detach()
+    d = torch.empty((m, n), dtype=torch.float64, device=w.device)
+    w_norm2 = 0.0
+    for start in range(0, m, rows):
+        block = d[start:start + rows]
+        block.copy_(w[start:start + rows])
+        w_norm2 += float(torch.linalg.vector_norm(block)) ** 2
+        block.sub_(original[start:start + rows].to(w.device).to(torch.float64))
+    return d, w_norm2
+
+
+@torch.no_grad()
 def restrain_parameter(
     weight: torch.Tensor,
     original: torch.Tensor,
@@ -574,6 +595,7 @@ def restrain_parameter(
     start_basis: torch.Tensor | None = None,
     seed: int = 0,
     write: bool = True,
+    delta: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[Restraint, bool]:
     """Restrain one weight matrix in place. Returns (figures, whether W was written).
 
@@ -581,21 +603,13 @@ def restrain_parameter(
     The lean form of ``W0 + restrain_delta(W - W0)``: the only m x n float64 buffer is dW itself (freed before the
     write-back); dW is formed and the restrained matrix written back in row blocks of about 16 MiB, directly in W's
     dtype. W0 may live on another device than W (it is moved block by block, in its own dtype: once for the exact
-    rule, twice for the official one). Raises FloatingPointError, leaving W untouched, when dW has a non-finite
-    entry.
+    rule, twice for the official one). `delta` is (dW, ||W||_F^2) as delta_of(weight, original) gives them, for a
+    caller that has formed dW already (telemetry's condition number before the restraint); it is only read. Raises
+    FloatingPointError, leaving W untouched, when dW has a non-finite entry.
     """
     m, n = weight.shape
     rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    w = weight.detach()
-    d = torch.empty((m, n), dtype=torch.float64, device=w.device)
-    w_norm2 = 0.0
-    for start in range(0, m, rows):
-        # Row blocks: an in-place op between float64 and float32 tensors would first make a float64 copy of the
-        # whole of W0; block by block that copy stays in cache (and W0 may sit on another device).
-        block = d[start:start + rows]
-        block.copy_(w[start:start + rows])
-        w_norm2 += float(torch.linalg.vector_norm(block)) ** 2
-        block.sub_(original[start:start + rows].to(w.device).to(torch.float64))  # moved in its own dtype
+    d, w_norm2 = delta_of(weight, original) if delta is None else delta
     fro = float(torch.linalg.vector_norm(d))
     _check_finite_delta(d, fro)
     accuracy = storage_accuracy(weight.dtype) * math.sqrt(w_norm2)
@@ -606,6 +620,7 @@ def restrain_parameter(
     del d
     if not write or update is None:
         return figures, False
+    figures.written = update
     us = update.u * update.values
     for start in range(0, m, rows):
         base = weight[start:start + rows] if update.keeps_delta else original[start:start + rows].to(weight.device)

@@ -28,7 +28,7 @@ import torch
 from .condition import ConditionNumbers
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
-from .restraint import restrain_parameter
+from .restraint import delta_of, restrain_parameter
 from .seeding import seed_everything
 from .spectrum import MatrixFigures, SmaxCache
 
@@ -206,12 +206,18 @@ class EditSession:
                     original = original.to(param.device)
                 smax0 = self.smax.get(name, original)
                 try:
-                    cond_before = self.conditions.get(name, param, original) if self.measure_condition else None
+                    delta, cond_before = None, None
+                    if self.measure_condition:
+                        # The estimate of cond(W) and the restraint both need dW in float64: formed once
+                        delta = delta_of(param, original) if self.conditions.estimates(name, param) else None
+                        cond_before = self.conditions.get(name, param, original, delta=None if delta is None else delta[0],
+                                                          start=self.bases.get(name))
                     result, wrote = restrain_parameter(
                         param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
                         rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0),
-                        start_basis=self.bases.get(name), write=write,
+                        start_basis=self.bases.get(name), write=write, delta=delta,
                     )
+                    del delta
                 except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
                     raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                              "restrained (session.restore() gives back W0)") from None
@@ -220,8 +226,9 @@ class EditSession:
                     self.bases.pop(name, None)
                 else:
                     self.bases[name] = result.next_basis
-                cond_after = ((self.conditions.get(name, param, original) if wrote else cond_before)
-                              if self.measure_condition else None)
+                cond_after = ((self.conditions.after_restraint(name, param, original, result.written) if wrote
+                               else cond_before) if self.measure_condition else None)
+                result.written = None  # the factors are not kept
             if result.n_guarded and write:
                 warnings.warn(
                     f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "

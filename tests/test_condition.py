@@ -60,7 +60,7 @@ def test_the_estimate_is_certified_within_1e_3_of_a_float64_svd(seed, shape, kap
     rounding = torch.finfo(dtype).eps * float(w.double().norm())
     if exact <= 1e3 and rounding <= 1e-5 * float(s[-1]):
         assert estimate is not None, f"no certificate (exact cond {exact:.4g})"
-        assert basis.shape[1] == rank  # dW's rank, its float32 rounding left out
+        assert basis.rank == rank  # dW's rank, its float32 rounding left out
     if estimate is not None:
         assert math.isfinite(estimate)
         assert abs(estimate / exact - 1) <= 1e-3
@@ -72,7 +72,7 @@ def test_an_unedited_matrix_gives_cond_of_w0(transposed):
     w0 = random_original(g, 80, 150, 20.0).float()
     w0 = w0.mT.contiguous() if transposed else w0
     estimate, basis = certified_condition_number(w0.clone(), w0, gram_spectrum(w0))
-    assert basis.shape[1] == 0
+    assert basis.rank == 0
     assert estimate == pytest.approx(exact_condition(w0), rel=1e-3)
 
 
@@ -130,15 +130,49 @@ def test_a_previous_basis_starts_the_next_estimate():
     w_next = (w.double() + low_rank_delta(g, 100, 220, 1, 8.0)).float()
     estimate, grown = certified_condition_number(w_next, w0, spectrum, basis=basis)
     assert estimate == pytest.approx(exact_condition(w_next), rel=1e-3)
-    assert grown.shape[1] == 4
+    assert grown.rank == 4
     same, kept = certified_condition_number(w_next, w0, spectrum, basis=grown)
-    assert same == pytest.approx(exact_condition(w_next), rel=1e-3) and kept.shape[1] == 4
+    assert same == pytest.approx(exact_condition(w_next), rel=1e-3) and kept.rank == 4
+
+
+def test_along_a_sequence_only_the_change_in_r_costs_products_with_w0(monkeypatch):
+    """Each estimate hands the next what it learned of dW: a rank-one edit then costs a one-column product with W0,
+    a restraint one of the restrained count, and every value stays within 1e-3 of a float64 SVD; with too much
+    round-off carried (drift), the products are formed afresh from the whole R."""
+    import dataclasses
+
+    from prune_plugin.restraint import restrain_parameter
+
+    g = torch.Generator().manual_seed(9)
+    w0 = random_original(g, 100, 220, 10.0).float()
+    spectrum = gram_spectrum(w0)
+    smax0 = float(torch.linalg.svdvals(w0.double())[0])
+    widths = []
+    times = condition._times
+    monkeypatch.setattr(condition, "_times", lambda o, r, t: widths.append(r.shape[1]) or times(o, r, t))
+    w, state = w0.clone(), None
+    for step in range(6):
+        w = (w.double() + low_rank_delta(g, 100, 220, 1, 3 * smax0)).float()
+        estimate, state = certified_condition_number(w, w0, spectrum, basis=state)
+        assert estimate == pytest.approx(exact_condition(w), rel=1e-3) and widths[-1] == 1
+        figures, wrote = restrain_parameter(w, w0, smax0, math.e)
+        assert wrote and figures.n_restrained > 0
+        estimate, state = certified_condition_number(w, w0, spectrum, basis=state)
+        assert estimate == pytest.approx(exact_condition(w), rel=1e-3) and widths[-1] == figures.n_restrained
+    assert state.updates == 12 and 0 < state.drift
+    estimate, fresh = certified_condition_number(w, w0, spectrum, basis=dataclasses.replace(state, drift=1.0))
+    assert estimate == pytest.approx(exact_condition(w), rel=1e-3)
+    assert widths[-1] == fresh.rank == state.rank and fresh.updates == 1 and fresh.drift == 0.0
 
 
 def test_telemetry_condition_numbers_through_the_session(tmp_path, monkeypatch):
     """Online PRUNE with telemetry: cond before/after each restraint from the estimate, equal to a float64 SVD of
     the matrix as it was then; the restrained weights are bit-identical to a run without condition numbers."""
     monkeypatch.setattr(condition, "_ESTIMATE_MIN", 1)  # the tiny test matrix takes the route large ones take
+    from_factors = []
+    after_update = condition.condition_after_update
+    monkeypatch.setattr(condition, "condition_after_update",
+                        lambda *a, **k: from_factors.append(1) or after_update(*a, **k))
     g = torch.Generator().manual_seed(7)
     w0 = random_original(g, 96, 160, 8.0).float()
     edits = [low_rank_delta(g, 96, 160, 1, 40.0).float() for _ in range(3)]
@@ -165,4 +199,29 @@ def test_telemetry_condition_numbers_through_the_session(tmp_path, monkeypatch):
             assert [f["cond_before"] for f in figures] == pytest.approx(before, rel=1e-3)
             assert figures[-1]["cond_after"] == pytest.approx(exact_condition(model.weight), rel=1e-3)
             assert session.conditions.estimated == 6 and session.conditions.exact == 0
+            assert len(from_factors) == 3  # every 'after' from the restraint's factors, no pass over dW
     assert torch.equal(results[True], results[False])
+
+
+@pytest.mark.parametrize("shape", [(100, 220), (220, 100)], ids=["wide", "tall"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rule", ["exact", "official"])
+def test_cond_after_a_restraint_comes_from_its_factors_without_a_pass(shape, dtype, rule, monkeypatch):
+    """Right after a restraint, cond(W) comes from what the estimate before it learned and the factors the
+    restraint wrote (no new pass over dW: delta_of is not called), within 1e-3 of a float64 SVD."""
+    from prune_plugin.restraint import restrain_parameter
+
+    g = torch.Generator().manual_seed(12)
+    m, n = shape
+    w0 = random_original(g, m, n, 10.0).to(dtype)
+    spectrum = gram_spectrum(w0)
+    smax0 = float(torch.linalg.svdvals(w0.double())[0])
+    w = (w0.double() + low_rank_delta(g, m, n, 4, 3 * smax0)).to(dtype)
+    before, state = certified_condition_number(w, w0, spectrum)
+    assert before == pytest.approx(exact_condition(w), rel=1e-3)
+    figures, wrote = restrain_parameter(w, w0, smax0, math.e, rank_rule=rule)
+    assert wrote and figures.written is not None
+    monkeypatch.setattr(condition, "delta_of", lambda *a: pytest.fail("dW formed again"))
+    after, learned = condition.condition_after_update(w, w0, spectrum, state, figures.written)
+    assert after == pytest.approx(exact_condition(w), rel=1e-3) and after < before
+    assert learned.rank == state.rank and learned.missed >= state.missed * (rule == "exact")
