@@ -218,6 +218,25 @@ def _start(basis: DeltaBasis | torch.Tensor | None, vectors: torch.Tensor, small
     return DeltaBasis(q, like.new_zeros(large, q.shape[1]), vectors.mT @ q, like.new_zeros(small, q.shape[1]))
 
 
+def _drift_step(r: torch.Tensor, r_old: torch.Tensor, vx: torch.Tensor, values: torch.Tensor) -> float:
+    """Round-off one update adds to what a DeltaBasis carries, as error in W' W'^T (generously: dimension x eps x
+    the sizes involved): to V0^T W0 R from W0 (change), V0^T of it and the sum, and to V0^T Q from turning it with
+    Q; each enters twice."""
+    small, large = vx.shape[0], r.shape[0]
+    unit = 16 * (small + large) * _EPS
+    w0_norm = math.sqrt(float(values[-1]))
+    r_norm, x_norm = float(r.norm()), float(vx.norm())
+    return 2 * unit * (w0_norm * (r_norm + float(r_old.norm())) + x_norm) + 2 * unit * (x_norm + r_norm ** 2)
+
+
+def _afresh(state: DeltaBasis, r: torch.Tensor, values: torch.Tensor, rtol: float) -> bool:
+    """Whether an estimate forms V0^T Q and V0^T W0 R afresh: no products kept yet, or their drift (with the
+    next update's) near a sixteenth of what the certificate spares on lambda_min."""
+    if not state.updates or state.r.shape[1] != r.shape[1]:
+        return True
+    return 2 * (state.drift + _drift_step(r, state.r, state.vx, values)) > rtol * float(values[0]) / 16
+
+
 def certified_condition_number(
     weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, *, rtol: float = COND_RTOL,
     basis: DeltaBasis | torch.Tensor | None = None, seed: int = 0, delta: torch.Tensor | None = None,
@@ -252,6 +271,8 @@ def certified_condition_number(
     q, r_old, vq, vx = state.q, state.r, state.vq, state.vx
     r = (q.mT @ d).mT
     missed2 = fro2 - float(r.square().sum())
+    if _afresh(state, r, values, rtol):  # V0^T Q is formed after compression, for the columns kept
+        state = dataclasses.replace(state, updates=0)
     block = q.shape[1] + max(_OVERSAMPLE, _MIN_BLOCK - q.shape[1])
     while fro2 > 0 and missed2 > max(budget ** 2, _ROUNDOFF * fro2):  # below that, cancellation: measured below
         add = min(block - q.shape[1], limit - q.shape[1])
@@ -261,8 +282,9 @@ def certified_condition_number(
         qn = _orthonormal_beside(_apply_right(d, omega), q)
         rn = (qn.mT @ d).mT
         q, r = torch.cat([q, qn], 1), torch.cat([r, rn], 1)
-        r_old, vx = torch.cat([r_old, r_old.new_zeros(large, qn.shape[1])], 1), torch.cat([vx, vx.new_zeros(small, qn.shape[1])], 1)
-        vq = torch.cat([vq, vectors.mT @ qn], 1)
+        if state.updates:
+            r_old = torch.cat([r_old, r_old.new_zeros(large, qn.shape[1])], 1)
+            vq, vx = torch.cat([vq, vectors.mT @ qn], 1), torch.cat([vx, vx.new_zeros(small, qn.shape[1])], 1)
         previous, missed2 = missed2, fro2 - float(r.square().sum())
         block *= 2
         if missed2 > 0.9 * previous:
@@ -282,17 +304,21 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
     values, vectors = spectrum.values.to(q.device), spectrum.vectors.to(q.device)
     small, large = q.shape[0], r.shape[0]
     drift, updates = state.drift, state.updates
-    if r.shape[1]:
+    if r.shape[1] and not updates:
+        # Afresh (a first look, or too much drift): compress dW ~ Q R^T to its numerical rank (dropped values join
+        # what is missed), then X = W0 R and the V0^T products for the columns kept.
+        ur, sr, vrt = _wide_svd(r.mT)
+        tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
+        keep = int((tail > budget ** 2 / 4).sum())
+        if keep < len(sr):
+            missed2 += float(tail[keep])
+        q, sr, r = q @ ur[:, :keep], sr[:keep], vrt[:keep].mT * sr[:keep]
+        vq, vx = vectors.mT @ q, vectors.mT @ _times(original.detach(), r, spectrum.transposed)
+        drift, updates = 0.0, 1
+    elif r.shape[1]:
         # V0^T W0 R from the change in R since the state, at its numerical rank (what is dropped of the change
-        # leaves dW's representation, q R_kept^T, and joins what is missed); afresh when the drift is too large.
-        w0_norm = math.sqrt(float(values[-1]))
-        # Round-off one update adds (generously, dimension x eps x the sizes involved): to V0^T W0 R from W0
-        # (change), V0^T of it and the sum; to V0^T Q from turning it with Q. Each enters W' W'^T twice.
-        unit = 16 * (small + large) * _EPS
-        r_norm, x_norm = float(r.norm()), float(vx.norm())
-        step = 2 * unit * (w0_norm * (r_norm + float(r_old.norm())) + x_norm) + 2 * unit * (x_norm + r_norm ** 2)
-        afresh = updates == 0 or 2 * (drift + step) > rtol * float(values[0]) / 16
-        change = r if afresh else r - r_old
+        # leaves dW's representation, q R_kept^T, and joins what is missed).
+        change = r - r_old
         uc, sc, vct = _wide_svd(change.mT)  # change = vct^T diag(sc) uc^T
         tail = sc.square().flip(0).cumsum(0).flip(0)
         keep = int((tail > budget ** 2 / 16).sum())
@@ -300,12 +326,7 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
             missed2 += float(tail[keep])
         kept = (vct[:keep].mT * sc[:keep]) @ uc[:, :keep].mT
         product = vectors.mT @ (_times(original.detach(), vct[:keep].mT, spectrum.transposed) * sc[:keep]) @ uc[:, :keep].mT
-        if afresh:
-            if updates:  # V0^T Q has turned with Q since it was formed: afresh too
-                vq = vectors.mT @ q
-            r, vx, drift, updates = kept, product, 0.0, 1
-        else:
-            r, vx, drift, updates = r_old + kept, vx + product, drift + step, updates + 1
+        r, vx, drift, updates = r_old + kept, vx + product, drift + _drift_step(r, r_old, vx, values), updates + 1
         # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed. Q, V0^T Q and V0^T W0 R
         # turn with R (R ur = vrt^T sr).
         ur, sr, vrt = _wide_svd(r.mT)
