@@ -24,7 +24,7 @@ column for a ROME edit), not for all of R; the round-off those updates gather is
 and the two are formed afresh once it reaches a sixteenth of what the certificate can spare.
 
 Extra memory kept per matrix: V0 and L0, 8 s^2 + 8 s bytes for the smaller side s (128 MiB at 4096x11008), and the
-DeltaBasis, 8 (3 s + l) r bytes for rank r (36 MiB at rank 100 there); while it runs, one float64 copy of dW (8 m n
+DeltaBasis, 8 (3 s + l) r bytes for rank r (18 MiB at rank 100 there); while it runs, one float64 copy of dW (8 m n
 bytes, like the restraint) and a few s x 2r and n x r blocks.
 """
 from __future__ import annotations
@@ -297,13 +297,17 @@ def certified_condition_number(
 
 def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget: float, state: DeltaBasis,
              q: torch.Tensor, r: torch.Tensor, r_old: torch.Tensor, vq: torch.Tensor, vx: torch.Tensor,
-             missed2: float, d: torch.Tensor | None, fro2: float) -> tuple[float | None, DeltaBasis]:
+             missed2: float, d: torch.Tensor | None, fro2: float, orthogonal: bool = True
+             ) -> tuple[float | None, DeltaBasis]:
     """Steps 2 to 4 of the module docstring for dW ~ q r^T, ||dW - q r^T||_F^2 <= missed2, starting from `state`
     (r_old, vq, vx: the state's R and products, padded to q's columns). `d` (oriented dW) lets the miss be measured
-    where its bound is too coarse; without it (dW not formed) the bound stands."""
+    where its bound is too coarse; without it (dW not formed) the bound stands. What the compressions drop lies in
+    q's span: it adds to missed2 by Pythagoras when `orthogonal` (missed2 bounds the part of dW outside q), by the
+    triangle inequality otherwise."""
     values, vectors = spectrum.values.to(q.device), spectrum.vectors.to(q.device)
     small, large = q.shape[0], r.shape[0]
     drift, updates = state.drift, state.updates
+    inside = 0.0  # ||what the compressions below drop||_F, in q's span
     if r.shape[1] and not updates:
         # Afresh (a first look, or too much drift): compress dW ~ Q R^T to its numerical rank (dropped values join
         # what is missed), then X = W0 R and the V0^T products for the columns kept.
@@ -311,7 +315,7 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
         tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
         keep = int((tail > budget ** 2 / 4).sum())
         if keep < len(sr):
-            missed2 += float(tail[keep])
+            inside += math.sqrt(float(tail[keep]))
         q, sr, r = q @ ur[:, :keep], sr[:keep], vrt[:keep].mT * sr[:keep]
         vq, vx = vectors.mT @ q, vectors.mT @ _times(original.detach(), r, spectrum.transposed)
         drift, updates = 0.0, 1
@@ -323,7 +327,7 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
         tail = sc.square().flip(0).cumsum(0).flip(0)
         keep = int((tail > budget ** 2 / 16).sum())
         if keep < len(sc):
-            missed2 += float(tail[keep])
+            inside += math.sqrt(float(tail[keep]))
         kept = (vct[:keep].mT * sc[:keep]) @ uc[:, :keep].mT
         product = vectors.mT @ (_times(original.detach(), vct[:keep].mT, spectrum.transposed) * sc[:keep]) @ uc[:, :keep].mT
         r, vx, drift, updates = r_old + kept, vx + product, drift + _drift_step(r, r_old, vx, values), updates + 1
@@ -333,9 +337,10 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
         tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
         keep = int((tail > budget ** 2 / 4).sum())
         if keep < len(sr):
-            missed2 += float(tail[keep])
+            inside += math.sqrt(float(tail[keep]))
         turn = ur[:, :keep]
         q, sr, r, vq, vx = q @ turn, sr[:keep], vrt[:keep].mT * sr[:keep], vq @ turn, vx @ turn
+    missed2 = missed2 + inside ** 2 if orthogonal else (math.sqrt(missed2) + inside) ** 2
     rank = q.shape[1]
 
     def measured_miss() -> float:
@@ -430,7 +435,7 @@ def condition_after_update(weight: torch.Tensor, original: torch.Tensor, spectru
     r = base + (b * vals) @ along.mT
     missed = missed + outside + rounding
     return _certify(original, spectrum, rtol, budget, before, before.q, r, before.r, before.vq, before.vx,
-                    missed * missed, None, 0.0)
+                    missed * missed, None, 0.0, orthogonal=False)
 
 
 class ConditionNumbers:
