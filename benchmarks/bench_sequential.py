@@ -10,8 +10,10 @@ Llama-2-7B down_proj shape for r = 10, 100, 1000:
 - previous path: the per-edit path before commit 2496cd1 (benchmarks/previous_path.py), hint r - 1.
 
 The official code's cost does not depend on r (three dense SVDs of the whole matrix; see the restraint benchmark).
-A short real online sequence through EditSession (before_edit / after_edit) is timed as well, so the per-edit
-bookkeeping (fingerprints, hooks) is seen next to the restraint.
+A real online sequence through EditSession (before_edit / after_edit, 30 rank-one edits) is timed as well, so the
+per-edit bookkeeping (fingerprints, hooks) is seen next to the restraint, and against today's path (the same edits
+with prune_rank_rule: official, interleaved edit by edit), where the exact rule's kept basis is what it would be in
+a run.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ SHAPE = ("Llama-2-7B down_proj", 4096, 11008)
 SMOKE_SHAPE = ("smoke", 64, 256)
 COUNTS = [10, 100, 1000]
 SMOKE_COUNTS = [2, 8, 24]
-SEQUENCE_EDITS, SMOKE_SEQUENCE_EDITS = 10, 4
+SEQUENCE_EDITS, SMOKE_SEQUENCE_EDITS = 30, 4
 ALPHA = math.e
 
 
@@ -112,7 +114,9 @@ def run(args) -> dict[str, Any]:
         "recipe's cost does not depend on the rank (three dense SVDs; see the restraint table).",
         f"real online sequence of {sequence['edits']} rank-one edits through EditSession (after_edit, median per edit): "
         f"{fmt_seconds(sequence['after_edit'])} of which restraint {fmt_seconds(sequence['restraint'])} and bookkeeping "
-        f"(fingerprints, hooks) {fmt_seconds(sequence['after_edit'] - sequence['restraint'])}.",
+        f"(fingerprints, hooks) {fmt_seconds(sequence['after_edit'] - sequence['restraint'])}; today's path (the same "
+        f"edits, prune_rank_rule: official, interleaved edit by edit) restrains in {fmt_seconds(sequence['today_restraint'])}: "
+        f"plugin / today {sequence['plugin_over_today']:.2f} (median of the per-edit ratios).",
     ] + [c["text"] for c in checks]
     header = ["edits", "path, rank", "restrained", "per edit (restrain_matrices)", "no hint (path)",
               "previous path per edit", "growth", "rank growth"]
@@ -122,7 +126,10 @@ def run(args) -> dict[str, Any]:
 
 
 def _online_sequence(args, m, n, w0, smax0, config) -> dict[str, Any]:
-    """A real online run: before_edit, a rank-one edit of W (u v^T of strength 3 smax(W0)), after_edit."""
+    """A real online run: before_edit, a rank-one edit of W (u v^T of strength 3 smax(W0)), after_edit; the same
+    edits through a second session with prune_rank_rule: official (today's path), the two interleaved edit by
+    edit, so that the per-edit ratio of their restraints is measured under the same load."""
+    import dataclasses
     import statistics
 
     import torch
@@ -132,22 +139,29 @@ def _online_sequence(args, m, n, w0, smax0, config) -> dict[str, Any]:
     from .common import one_matrix_model
 
     edits = SMOKE_SEQUENCE_EDITS if args.smoke else SEQUENCE_EDITS
-    model = one_matrix_model(w0)
-    session = edit_session(model, config, ["weight"])
+    today = dataclasses.replace(config, prune_rank_rule="official")
+    runs = []
+    for cfg in (config, today):
+        model = one_matrix_model(w0)
+        runs.append((model, edit_session(model, cfg, ["weight"]), {"totals": [], "restraint": [], "restrained": 0}))
     g = torch.Generator().manual_seed(123)
-    totals, restraint, restrained = [], [], 0
     for i in range(edits):
-        session.before_edit()
         u = torch.randn(m, 1, generator=g)
         v = torch.randn(1, n, generator=g)
-        with torch.no_grad():
-            model.weight.addmm_(u / u.norm(), v / v.norm(), alpha=3.0 * smax0)
-        t0 = time.perf_counter()
-        step = session.after_edit({"prompt": f"edit {i}"})
-        totals.append(time.perf_counter() - t0)
-        restraint.append(step.seconds.get("restraint", 0.0))
-        restrained += int(step.figures["weight"].restrained)
-    session.end()
-    # The first edit of this fresh session computes smax(W0) and has no rank hint: left out of the medians.
-    return {"edits": edits, "after_edit": statistics.median(totals[1:]), "restraint": statistics.median(restraint[1:]),
-            "first_after_edit": totals[0], "restrained_edits": restrained}
+        for model, session, out in runs:
+            session.before_edit()
+            with torch.no_grad():
+                model.weight.addmm_(u / u.norm(), v / v.norm(), alpha=3.0 * smax0)
+            t0 = time.perf_counter()
+            step = session.after_edit({"prompt": f"edit {i}"})
+            out["totals"].append(time.perf_counter() - t0)
+            out["restraint"].append(step.seconds.get("restraint", 0.0))
+            out["restrained"] += int(step.figures["weight"].restrained)
+    for _, session, _ in runs:
+        session.end()
+    (_, _, plugin), (_, _, official) = runs
+    # The first edit of a fresh session computes smax(W0) and has no rank hint: left out of the medians.
+    return {"edits": edits, "after_edit": statistics.median(plugin["totals"][1:]),
+            "restraint": statistics.median(plugin["restraint"][1:]), "first_after_edit": plugin["totals"][0],
+            "restrained_edits": plugin["restrained"], "today_restraint": statistics.median(official["restraint"][1:]),
+            "plugin_over_today": statistics.median(a / b for a, b in zip(plugin["restraint"][1:], official["restraint"][1:]))}
