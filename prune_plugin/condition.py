@@ -12,9 +12,10 @@ smaller side) is computed once per matrix and kept; an edit then costs passes ov
 3. Sylvester's law of inertia counts the eigenvalues of G' = L0 + U~ diag(c) U~^T (U~ = V0^T U) below any shift t
    exactly, from a 2r x 2r matrix (Haynsworth): #{lambda(G') < t} = #{L0 < t} + n_pos(H(t)) - #{c > 0}, with
    H(t) = diag(1/c) + U~^T diag(1/(L0 - t)) U~. Bisection on that count brackets lambda_min(G') and lambda_max(G').
-4. The brackets, widened by the float64 error of G0's eigendecomposition and of the update (Weyl) and by ||E||_F,
-   bound cond(W) from both sides (and by the round-off bound a DeltaBasis carries, see below); the estimate is returned when the two bounds are within 2 rtol of each other
-   (so it is within rtol of the exact value), otherwise None and the caller takes the exact route. A sign of H(t)
+4. The brackets, widened by the float64 error of G0's eigendecomposition and of the update (Weyl; with the
+   round-off bound a DeltaBasis carries, see below) and by ||E||_F, bound cond(W) from both sides; the estimate is
+   returned when the two bounds are within 2 rtol of each other (so it is within rtol of the exact value),
+   otherwise None and the caller takes the exact route. A sign of H(t)
    too close to zero to trust, a full-rank dW (the basis would need more than _MAX_BLOCK_FRACTION of the smaller
    side) or a nearly singular W all end in None.
 
@@ -368,7 +369,8 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
         if keep < len(sc):
             inside += math.sqrt(float(tail[keep]))
         kept = (vct[:keep].mT * sc[:keep]) @ uc[:, :keep].mT
-        product = vectors.mT @ (_times(original.detach(), vct[:keep].mT, spectrum.transposed) * sc[:keep]) @ uc[:, :keep].mT
+        w0_change = _times(original.detach(), vct[:keep].mT, spectrum.transposed) * sc[:keep]  # W0 (change)
+        product = vectors.mT @ w0_change @ uc[:, :keep].mT
         r, vx, drift, updates = r_old + kept, vx + product, drift + _drift_step(r, r_old, vx, values), updates + 1
         # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed. Q, V0^T Q and V0^T W0 R
         # turn with R (R ur = vrt^T sr).

@@ -210,8 +210,8 @@ class EditSession:
                     if self.measure_condition:
                         # The estimate of cond(W) and the restraint both need dW in float64: formed once
                         delta = delta_of(param, original) if self.conditions.estimates(name, param) else None
-                        cond_before = self.conditions.get(name, param, original, delta=None if delta is None else delta[0],
-                                                          start=self.bases.get(name))
+                        cond_before = self.conditions.get(name, param, original, start=self.bases.get(name),
+                                                          delta=None if delta is None else delta[0])
                     result, wrote = restrain_parameter(
                         param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
                         rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0),
