@@ -270,8 +270,13 @@ class EditSession:
         step.rolled_back = True
 
     def restore(self) -> None:
-        """Write W0 back into every target, bit for bit."""
+        """Write W0 back into every target, bit for bit. What the restraint and telemetry learned of dW (rank hints,
+        kept bases) goes with it, so that a second sequence starts as the first did."""
         self.originals.restore(self.model)
+        self.rank_hints.clear()
+        self.bases.clear()
+        for name in self.targets:
+            self.conditions.start_afresh(name)
         self._seen = {n: fingerprint(get_parameter(self.model, n)) for n in self.targets}
         self._restrained_prints.clear()
 

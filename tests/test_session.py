@@ -269,3 +269,29 @@ class TestHooks:
                             lambda self, group, name=None: loaded.append(group) or 0)
         make_plugin_manager()
         assert loaded == ["prune_plugin"]
+
+
+def test_restore_forgets_what_the_restraint_learned_so_a_second_sequence_equals_the_first():
+    """After restore() W is W0 again: the rank hints and kept bases of the undone edits go too, and the same edits
+    then give the same weights bit for bit."""
+    g = torch.Generator().manual_seed(21)
+    w0 = torch.randn(160, 400, generator=g)
+    w0 *= 3.0 / torch.linalg.svdvals(w0.double())[0].item()
+    edits = [torch.randn(160, 1, generator=g) @ torch.randn(1, 400, generator=g) * 0.05 for _ in range(3)]
+    model = torch.nn.Linear(400, 160, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w0)
+    config = PruneConfig(prune=True, prune_alpha=math.e, prune_mode="online")
+    session = edit_session(model, config, ["weight"])
+    results = []
+    for _ in range(2):
+        for i, e in enumerate(edits):
+            session.before_edit()
+            with torch.no_grad():
+                model.weight += e
+            session.after_edit({"prompt": f"edit {i}"})
+        assert session.bases and session.rank_hints  # the restraint kept what it found
+        results.append(model.weight.detach().clone())
+        session.restore()
+        assert not session.bases and not session.rank_hints and torch.equal(model.weight, w0)
+    assert torch.equal(results[0], results[1])
