@@ -141,6 +141,9 @@ class _Slicer:
         return None
 
 
+#: A DeltaBasis is formed afresh (Q orthonormalised again, V0^T Q and V0^T W0 R recomputed) after this many updates
+#: at the latest, whatever its drift bound says.
+_MAX_UPDATES = 256
 #: Half-width (relative) of the first bracket tried around the previous call's eigenvalue.
 _WARM_WIDTH = 2e-3
 
@@ -272,7 +275,7 @@ def _drift_step(r: torch.Tensor, r_old: torch.Tensor, vx: torch.Tensor, values: 
 def _afresh(state: DeltaBasis, r: torch.Tensor, values: torch.Tensor, rtol: float) -> bool:
     """Whether an estimate forms V0^T Q and V0^T W0 R afresh: no products kept yet, or their drift (with the
     next update's) near a sixteenth of what the certificate spares on lambda_min."""
-    if not state.updates or state.r.shape[1] != r.shape[1]:
+    if not state.updates or state.r.shape[1] != r.shape[1] or state.updates >= _MAX_UPDATES:
         return True
     return 2 * (state.drift + _drift_step(r, state.r, state.vx, values)) > rtol * float(values[0]) / 16
 
@@ -313,6 +316,10 @@ def certified_condition_number(
     missed2 = fro2 - float(r.square().sum())
     if _afresh(state, r, values, rtol):  # V0^T Q is formed after compression, for the columns kept
         state = dataclasses.replace(state, updates=0)
+        if q.shape[1]:  # and Q, turned many times, orthonormal again: q = Q' T, so R' = dW^T Q' = R T^-1
+            q, turned = torch.linalg.qr(q)
+            r = torch.linalg.solve_triangular(turned, r, upper=True, left=False)
+            missed2 = fro2 - float(r.square().sum())
     block = q.shape[1] + max(_OVERSAMPLE, _MIN_BLOCK - q.shape[1])
     while fro2 > 0 and missed2 > max(budget ** 2, _ROUNDOFF * fro2):  # below that, cancellation: measured below
         add = min(block - q.shape[1], limit - q.shape[1])
@@ -549,8 +556,11 @@ class ConditionNumbers:
         return self.get(name, weight, original, delta=delta)
 
     def keep_spectrum(self, name: str, spectrum: GramSpectrum) -> None:
-        """Use `spectrum` as W0's Gram spectrum for `name` (computed once elsewhere, e.g. for several sessions)."""
+        """Use `spectrum` as W0's Gram spectrum for `name` (computed once elsewhere, e.g. for several sessions).
+        What earlier estimates learned goes: their V0^T products belong to the eigenbasis they were made in."""
         self._spectra[name] = spectrum
+        self._bases.pop(name, None)
+        self._current.discard(name)
 
     def basis(self, name: str) -> DeltaBasis | None:
         """What the latest estimate for `name` learned of dW (its basis, .q; the next estimate starts from it)."""
@@ -569,8 +579,9 @@ class ConditionNumbers:
                 self._current.add(name)
 
     def nbytes(self) -> int:
-        """Bytes kept between calls (the Gram spectra of W0)."""
-        return sum(s.nbytes for s in self._spectra.values())
+        """Bytes kept between calls: the Gram spectra of W0 and what the latest estimates learned of dW."""
+        kept = [t for b in self._bases.values() if isinstance(b, DeltaBasis) for t in (b.q, b.r, b.vq, b.vx)]
+        return sum(s.nbytes for s in self._spectra.values()) + sum(t.numel() * t.element_size() for t in kept)
 
     def clear(self) -> None:
         self._spectra.clear()

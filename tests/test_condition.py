@@ -117,7 +117,26 @@ def test_the_kept_spectrum_is_one_gram_eigendecomposition_per_matrix():
         w = (w0.double() + low_rank_delta(g, 64, 128, i + 1, 5.0)).float()
         assert numbers.get("w", w, w0) == pytest.approx(exact_condition(w), rel=1e-3)
     assert numbers.estimated == 3
-    assert numbers.nbytes() == 8 * (64 * 64 + 64)
+    rank = numbers.basis("w").rank  # and what the last estimate learned of dW: Q, R, V0^T Q, V0^T W0 R
+    assert rank == 3 and numbers.nbytes() == 8 * (64 * 64 + 64) + 8 * (3 * 64 + 128) * rank
+
+
+def test_a_spectrum_kept_anew_drops_what_was_learned_in_the_old_eigenbasis():
+    """The same Gram matrix with another valid eigenbasis (signs flipped, as another device's eigh may give):
+    the V0^T products an earlier estimate kept belong to the old basis, so they go, and the value stays right."""
+    g = torch.Generator().manual_seed(14)
+    w0 = random_original(g, 100, 220, 10.0).float()
+    spectrum = gram_spectrum(w0)
+    numbers = ConditionNumbers(min_elements=1)
+    numbers.keep_spectrum("w", spectrum)
+    w = (w0.double() + low_rank_delta(g, 100, 220, 1, 8.0)).float()
+    assert numbers.get("w", w, w0) == pytest.approx(exact_condition(w), rel=1e-3)
+    signs = torch.where(torch.rand(100, generator=g) < 0.5, -1.0, 1.0).double()
+    numbers.keep_spectrum("w", condition.GramSpectrum(spectrum.values, spectrum.vectors * signs,
+                                                      spectrum.transposed, spectrum.error))
+    assert numbers.basis("w") is None
+    w = (w.double() + low_rank_delta(g, 100, 220, 1, 8.0)).float()
+    assert numbers.get("w", w, w0) == pytest.approx(exact_condition(w), rel=1e-3)
 
 
 def test_a_previous_basis_starts_the_next_estimate():
