@@ -125,10 +125,10 @@ def run(args) -> dict[str, Any]:
             # the first look at a dW ('before', no basis yet) comes once per matrix, with gram_spectrum's one-off;
             # along a sequence telemetry pays 'after' and the next edit's 'before' with dW shared
             per_edit = r["stage"] in ("after", SHARED)
-            label = "TARGET" if per_edit else "one-off (first look)" if r["stage"] == "before" else "info"
+            heading = "TARGET" if per_edit else "one-off (first look)" if r["stage"] == "before" else "info"
             checks.append({"what": f"target cond 4096x11008 {r['kind']} {r['stage']}",
                            "kind": "target" if per_edit else "info", "ok": met,
-                           "text": f"{label} cond(W) at 4096x11008, rank "
+                           "text": f"{heading} cond(W) at 4096x11008, rank "
                                    f"{r['kind']} {r['stage']}: <= 1/10 of today's "
                                    f"path: {'MET' if met else 'MISSED'} ({fmt_seconds(r['plugin_seconds'])} against "
                                    f"{fmt_seconds(r['today_seconds'])}, {r['ratio_today']:.1f}x)"})

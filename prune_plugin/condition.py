@@ -253,12 +253,28 @@ def _start(basis: DeltaBasis | torch.Tensor | None, vectors: torch.Tensor, small
            like: torch.Tensor) -> DeltaBasis:
     """The state an estimate starts from: the previous call's, a bare basis (nothing known along it yet), or none."""
     if isinstance(basis, DeltaBasis) and basis.q.shape[0] == small and basis.r.shape[0] == large:
-        return DeltaBasis(*(t.to(like) for t in (basis.q, basis.r, basis.vq, basis.vx)), basis.drift, basis.updates,
-                          basis.eigen, basis.missed)
+        return dataclasses.replace(basis, q=basis.q.to(like), r=basis.r.to(like), vq=basis.vq.to(like),
+                                   vx=basis.vx.to(like))
     q = like.new_zeros(small, 0)
     if isinstance(basis, torch.Tensor) and basis.ndim == 2 and basis.shape[0] == small and 0 < basis.shape[1] < small:
         q = torch.linalg.qr(basis.to(like))[0]  # a basis from elsewhere (float32, say): orthonormal in float64
     return DeltaBasis(q, like.new_zeros(large, q.shape[1]), vectors.mT @ q, like.new_zeros(small, q.shape[1]))
+
+
+def _truncation(values: torch.Tensor, dropped2: float) -> tuple[int, float]:
+    """(k, ||values[k:]||) for the fewest leading values (descending) whose dropped tail has squared norm at most
+    `dropped2`."""
+    tail = values.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of values[i:]^2
+    keep = int((tail > dropped2).sum())
+    return keep, math.sqrt(float(tail[keep])) if keep < len(values) else 0.0
+
+
+def _compressed(r: torch.Tensor, budget: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """dW ~ Q R^T compressed to its numerical rank: (turn, sr, R turn, ||dropped||_F) with R^T = ur sr vrt and
+    turn = ur[:, :keep] (Q and what is kept along it turn with R: R ur = vrt^T sr)."""
+    ur, sr, vrt = _wide_svd(r.mT)
+    keep, dropped = _truncation(sr, budget ** 2 / 4)
+    return ur[:, :keep], sr[:keep], vrt[:keep].mT * sr[:keep], dropped
 
 
 def _drift_step(r: torch.Tensor, r_old: torch.Tensor, vx: torch.Tensor, values: torch.Tensor) -> float:
@@ -358,36 +374,22 @@ def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget
     if r.shape[1] and not updates:
         # Afresh (a first look, or too much drift): compress dW ~ Q R^T to its numerical rank (dropped values join
         # what is missed), then X = W0 R and the V0^T products for the columns kept.
-        ur, sr, vrt = _wide_svd(r.mT)
-        tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
-        keep = int((tail > budget ** 2 / 4).sum())
-        if keep < len(sr):
-            inside += math.sqrt(float(tail[keep]))
-        q, sr, r = q @ ur[:, :keep], sr[:keep], vrt[:keep].mT * sr[:keep]
+        turn, sr, r, inside = _compressed(r, budget)
+        q = q @ turn
         vq, vx = vectors.mT @ q, vectors.mT @ _times(original.detach(), r, spectrum.transposed)
         drift, updates = 0.0, 1
     elif r.shape[1]:
         # V0^T W0 R from the change in R since the state, at its numerical rank (what is dropped of the change
         # leaves dW's representation, q R_kept^T, and joins what is missed).
-        change = r - r_old
-        uc, sc, vct = _wide_svd(change.mT)  # change = vct^T diag(sc) uc^T
-        tail = sc.square().flip(0).cumsum(0).flip(0)
-        keep = int((tail > budget ** 2 / 16).sum())
-        if keep < len(sc):
-            inside += math.sqrt(float(tail[keep]))
+        uc, sc, vct = _wide_svd((r - r_old).mT)  # change = vct^T diag(sc) uc^T
+        keep, inside = _truncation(sc, budget ** 2 / 16)
         kept = (vct[:keep].mT * sc[:keep]) @ uc[:, :keep].mT
         w0_change = _times(original.detach(), vct[:keep].mT, spectrum.transposed) * sc[:keep]  # W0 (change)
         product = vectors.mT @ w0_change @ uc[:, :keep].mT
         r, vx, drift, updates = r_old + kept, vx + product, drift + _drift_step(r, r_old, vx, values), updates + 1
-        # Compress dW ~ Q R^T to its numerical rank: dropped values join what is missed. Q, V0^T Q and V0^T W0 R
-        # turn with R (R ur = vrt^T sr).
-        ur, sr, vrt = _wide_svd(r.mT)
-        tail = sr.square().flip(0).cumsum(0).flip(0)  # tail[i] = sum of sr[i:]^2
-        keep = int((tail > budget ** 2 / 4).sum())
-        if keep < len(sr):
-            inside += math.sqrt(float(tail[keep]))
-        turn = ur[:, :keep]
-        q, sr, r, vq, vx = q @ turn, sr[:keep], vrt[:keep].mT * sr[:keep], vq @ turn, vx @ turn
+        # then compressed, with Q, V0^T Q and V0^T W0 R turning with R
+        turn, sr, r, dropped = _compressed(r, budget)
+        q, vq, vx, inside = q @ turn, vq @ turn, vx @ turn, inside + dropped
     missed2 = missed2 + inside ** 2 if orthogonal else (math.sqrt(missed2) + inside) ** 2
     rank = q.shape[1]
 

@@ -228,7 +228,6 @@ class EditSession:
                     self.bases[name] = result.next_basis
                 cond_after = ((self.conditions.after_restraint(name, param, original, result.written) if wrote
                                else cond_before) if self.measure_condition else None)
-                result.written = None  # the factors are not kept
             if result.n_guarded and write:
                 warnings.warn(
                     f"{name}: F would enlarge {result.n_guarded} singular value(s) (smax(W0)={smax0:.4g} < 1/ln a); "
