@@ -231,6 +231,62 @@ class TestSpectrum:
                             lambda _: pytest.fail("the Gram route ran although the estimate certified"))
         assert spectrum.largest_singular_value(w) == estimate
 
+    @staticmethod
+    def _psd(values: torch.Tensor, seed: int) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed),
+                                           dtype=torch.float64))
+        return (q * values) @ q.mT
+
+    @pytest.mark.parametrize("degree", [1, 3, 6])
+    @pytest.mark.parametrize("edge", [0.2, 1.0, 3.0], ids=["edge below the top", "edge at the bulk", "edge above"])
+    def test_the_chebyshev_norm_bound_holds_whatever_the_edge(self, edge, degree):
+        """Outliers above a bulk in [0, 1]: every edge and degree gives an upper bound (it fails with probability
+        2.3e-10), over fresh probes and matrices."""
+        from prune_plugin.spectrum import chebyshev_norm_bound
+
+        for seed in range(20):
+            g = torch.Generator().manual_seed(seed)
+            values = torch.cat([torch.rand(196, generator=g, dtype=torch.float64),
+                                torch.tensor([1.05, 1.2, 1.3, 2.0], dtype=torch.float64)[:seed % 5]])
+            c = self._psd(values, seed)
+            probes = torch.randn(len(values), 16, generator=g, dtype=torch.float64)
+            bound = chebyshev_norm_bound(lambda x: c @ x, probes, edge, degree)
+            assert bound >= float(values.max())
+
+    @pytest.mark.parametrize("degree", [2, 4, 8])
+    def test_the_chebyshev_norm_bound_is_within_its_reach_when_the_edge_covers_the_spectrum(self, degree):
+        """With every value below the edge each filtered probe is no longer than itself, so the bound stays within
+        the reach the smax plan predicts from (spectrum._chebyshev_reach), and it tightens with the degree."""
+        import prune_plugin.spectrum as spectrum
+
+        g = torch.Generator().manual_seed(degree)
+        values = torch.rand(300, generator=g, dtype=torch.float64) * 0.9
+        values[0] = 1.0
+        c = self._psd(values, degree)
+        probes = torch.randn(300, 16, generator=g, dtype=torch.float64)
+        bound = spectrum.chebyshev_norm_bound(lambda x: c @ x, probes, 1.0, degree)
+        assert 1.0 <= bound <= spectrum._chebyshev_reach(degree, 300)
+        assert spectrum._chebyshev_reach(degree + 1, 300) < spectrum._chebyshev_reach(degree, 300)
+
+    def test_the_smax_certificate_rests_on_float64_products_not_on_the_search(self):
+        """_certify_top recomputes everything it claims from the stored W: exact top vectors certify; vectors a
+        float32 search could have got wrong (here slightly rotated) are refused, not trusted."""
+        import prune_plugin.spectrum as spectrum
+
+        g = torch.Generator().manual_seed(5)
+        w = torch.randn(80, 200, generator=g, dtype=torch.float64) * (1 / (math.sqrt(80) + math.sqrt(200)))
+        w += 4 * torch.outer(torch.randn(80, generator=g, dtype=torch.float64) / math.sqrt(80),
+                             torch.randn(200, generator=g, dtype=torch.float64) / math.sqrt(200))
+        u, s, _ = torch.linalg.svd(w)
+        exact = float(s[0])
+        edge = float(s[1]) ** 2
+        good = spectrum._certify_top(w, False, u[:, :1].float(), edge, 4, 1e-6, g)
+        assert good is not None and abs(good - exact) <= 1e-6 * exact
+        rotated = u[:, :1] + 3e-3 * u[:, 1:2]
+        assert spectrum._certify_top(w, False, rotated.float(), edge, 4, 1e-6, g) is None
+        assert spectrum._certify_top(w.mT.contiguous(), True, u[:, :1].float(), edge, 4, 1e-6, g) == \
+            pytest.approx(exact, rel=1e-12)  # a tall stored W: the same products, transposed
+
     def test_a_flat_top_spectrum_cannot_be_certified_and_falls_back_to_the_exact_value(self, monkeypatch):
         import prune_plugin.spectrum as spectrum
 
