@@ -12,7 +12,10 @@ no pass over dW: path 'estimate (factors)'; the full estimate where that does no
 edit's W (the restrained W plus one rank-one update) with the basis 'after' found; 'next before, dW shared' the
 same with dW formed outside the timer, as a session does (restraint.delta_of: the restraint needs the same float64
 dW right after, and takes it). Along a sequence telemetry pays 'after' and 'next before, dW shared' per edit; the
-first look at a matrix's dW ('before', no basis) comes once per matrix, next to gram_spectrum's one-off.
+first look at a matrix's dW comes once per matrix (and at every restraint of PRUNE's restrain-once-after-n-edits
+protocol), next to gram_spectrum's one-off: 'before' with a range finder of its own, "before, restraint's block" as
+a session takes it since stop 19 (dW shared, and Q and R from what the restraint's block captured of dW:
+restraint.plan_restraint(..., capture=True) runs before telemetry's cond(W) and writes W after it).
 Agreement: against a float64 svdvals of W (the Gram route's value at 4096x11008, where svdvals takes minutes; that
 route is accurate to about 1e-6 there).
 """
@@ -32,6 +35,7 @@ SMOKE_KINDS: list[Any] = [1, 4, "ft4"]
 LARGE = 20_000_000
 TARGET_RATIO = 10.0
 SHARED = "next before, dW shared"
+FIRST = "before, restraint's block"
 TARGET_RTOL = 1e-3
 
 
@@ -48,7 +52,7 @@ def run(args) -> dict[str, Any]:
     import torch
 
     from prune_plugin.condition import ConditionNumbers, gram_spectrum
-    from prune_plugin.restraint import delta_of, restrain_parameter
+    from prune_plugin.restraint import delta_of, plan_restraint, restrain_parameter
     from prune_plugin.spectrum import condition_number, largest_singular_value
 
     from .bench_restraint import _delta
@@ -71,16 +75,19 @@ def run(args) -> dict[str, Any]:
             del delta
             restrained = w.clone()
             update = restrain_parameter(restrained, w0, smax0, math.e)[0].written
+            captured = plan_restraint(w, w0, smax0, math.e, capture=True)[1].captured
             following = _next_edit(restrained, smax0)
             numbers = ConditionNumbers(min_elements=min_elements)
             numbers.keep_spectrum("w", spectrum)  # kept from the first edit of the matrix on (the one-off column)
             found: dict[str, Any] = {}
-            stages = (("before", w, None), ("after", restrained, "before"), ("next before", following, "after"),
-                      (SHARED, following, "after"))
+            stages = (("before", w, None), (FIRST, w, None), ("after", restrained, FIRST),
+                      ("next before", following, "after"), (SHARED, following, "after"))
             for stage, matrix, start_from in stages:
-                # In a session the restraint forms dW right after telemetry's 'before' and takes it from there:
-                # formed outside the timer for that row (what telemetry adds to an edit)
-                shared = delta_of(matrix, w0)[0] if stage == SHARED else None
+                # In a session telemetry and the restraint share the float64 dW (restraint.delta_of): formed
+                # outside the timer for those rows (what telemetry adds to an edit); the first look of a session
+                # also takes what the restraint's block captured of dW (computed outside the timer too: the
+                # restraint pays for it)
+                shared = delta_of(matrix, w0)[0] if stage in (SHARED, FIRST) else None
                 def start() -> None:
                     # 'before': no basis yet (a first look at this dW); 'after': the one 'before' found, and 'next
                     # before' the one 'after' found, as in a session. A dense dW is tried afresh every time (a
@@ -90,7 +97,7 @@ def run(args) -> dict[str, Any]:
                 def call():
                     if stage == "after":  # what the session calls: from 'before' and the restraint's factors
                         return numbers.after_restraint("w", matrix, w0, update)
-                    return numbers.get("w", matrix, w0, delta=shared)
+                    return numbers.get("w", matrix, w0, delta=shared, captured=captured if stage == FIRST else None)
 
                 estimated, from_factors = numbers.estimated, numbers.from_factors
                 plugin, value = timed(call, repeats=args.repeats, warmup=1, setup=start)
@@ -122,10 +129,10 @@ def run(args) -> dict[str, Any]:
                                f"of float64 ({r['path']}; <= 1e-3: {'yes' if ok else 'NO'})"})
         if not args.smoke and r["shape"] == [4096, 11008] and not r["kind"].startswith("ft"):
             met = r["ratio_today"] >= TARGET_RATIO and estimate
-            # the first look at a dW ('before', no basis yet) comes once per matrix, with gram_spectrum's one-off;
-            # along a sequence telemetry pays 'after' and the next edit's 'before' with dW shared
-            per_edit = r["stage"] in ("after", SHARED)
-            heading = "TARGET" if per_edit else "one-off (first look)" if r["stage"] == "before" else "info"
+            # what a session pays: the first look from the restraint's block (once per matrix, and at every
+            # restraint of the restrain-once protocol), then 'after' and the next edit's 'before' with dW shared
+            per_edit = r["stage"] in ("after", SHARED, FIRST)
+            heading = "TARGET" if per_edit else "info"
             checks.append({"what": f"target cond 4096x11008 {r['kind']} {r['stage']}",
                            "kind": "target" if per_edit else "info", "ok": met,
                            "text": f"{heading} cond(W) at 4096x11008, rank "
@@ -135,7 +142,9 @@ def run(args) -> dict[str, Any]:
     header = ["matrix", "dW", "W", "plugin path", "cond(W)", "plugin", "today's path (Gram)", "ratio today",
               "rel err", "one-off per matrix", "kept per matrix"]
     notes += [f"plugin: median of {args.repeats} after one warm-up, W0's Gram spectrum already kept; 'before' starts "
-              "without a basis of dW, 'after' from what 'before' found and the restraint's factors (as in a "
+              "without a basis of dW (its own range finder); \"before, restraint's block\" is the first look as a "
+              "session takes it (dW shared, Q and R from what the restraint's block captured: "
+              "Restraint.captured); 'after' from what 'before' found and the restraint's factors (as in a "
               "session: ConditionNumbers.after_restraint); 'next before' is the "
               "next edit's 'before' (the restrained W plus one rank-one update of 3 x smax(W0)), starting from the "
               "basis 'after' found; with 'dW shared' formed outside the timer, as the session shares it with the "

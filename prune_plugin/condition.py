@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .restraint import Update, _apply_right, _orthonormal_beside, _wide_svd, delta_of
+from .restraint import CapturedDelta, Update, _apply_right, _orthonormal_beside, _wide_svd, delta_of
 from .spectrum import _gram, condition_number
 
 #: Relative accuracy of the estimate; telemetry's figure needs no more.
@@ -299,6 +299,7 @@ def _afresh(state: DeltaBasis, r: torch.Tensor, values: torch.Tensor, rtol: floa
 def certified_condition_number(
     weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, *, rtol: float = COND_RTOL,
     basis: DeltaBasis | torch.Tensor | None = None, seed: int = 0, delta: torch.Tensor | None = None,
+    captured: CapturedDelta | None = None,
 ) -> tuple[float | None, DeltaBasis | None]:
     """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and what
     it learned of dW = W - W0 (DeltaBasis: the orthonormal basis of dW's columns it worked with, rank = its width),
@@ -307,7 +308,9 @@ def certified_condition_number(
     and the next edit adds a few columns to it, so only those cost new passes; and W0 R and V0^T W0 R, the
     costliest products besides the passes over dW, are then updated by the change in R alone (its numerical
     rank: one for a ROME edit, the restrained count for a restraint). `delta`: dW in float64 when the caller has
-    formed it already (restraint.delta_of, shared with the restraint); only read."""
+    formed it already (restraint.delta_of, shared with the restraint); only read. `captured`: what the restraint's
+    block found of this same dW (Restraint.captured), which replaces the range finder and the pass for R when
+    `basis` is not a DeltaBasis (a first look)."""
     w = weight.detach()
     if w.shape != original.shape:
         raise ValueError(f"weight {tuple(w.shape)} and original {tuple(original.shape)} differ in shape")
@@ -326,6 +329,8 @@ def certified_condition_number(
         return None, None  # W0 is singular: no relative accuracy on smin from here
     # (the final check allows 2 rtol in all: 2 budget / smin here, rtol / 4 for each bisection)
     budget = rtol * math.sqrt(float(values[0])) / 3
+    if captured is not None and not isinstance(basis, DeltaBasis):
+        return _from_captured(original, spectrum, rtol, budget, captured, d, fro2, vectors)
     state = _start(basis, vectors, small, large, d)
     q, r_old, vq, vx = state.q, state.r, state.vq, state.vx
     r = (q.mT @ d).mT
@@ -356,6 +361,26 @@ def certified_condition_number(
         return None, None  # far more of dW outside the basis than the budget allows: not low-rank
     missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
     return _certify(original, spectrum, rtol, budget, state, q, r, r_old, vq, vx, missed2, d, fro2)
+
+
+def _from_captured(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget: float,
+                   captured: CapturedDelta, d: torch.Tensor, fro2: float, vectors: torch.Tensor
+                   ) -> tuple[float | None, DeltaBasis | None]:
+    """A first look from the restraint's factors: dW = U S V^T + E, ||E||_F^2 <= missed2, so Q = U and R = V S on
+    the smaller side when W is wide (U^T E = 0: the miss lies outside Q), Q = V and R = U S when it is tall (E V is
+    the Ritz residual, not orthogonal to Q: the dropped parts then add by the triangle inequality)."""
+    u, s, v = (t.to(d) for t in captured[:3])
+    q, r = (v, u * s) if spectrum.transposed else (u, v * s)
+    if q.shape[0] != d.shape[0] or r.shape[0] != d.shape[1]:
+        raise ValueError(f"captured factors {tuple(u.shape)}, {tuple(v.shape)} do not fit dW {tuple(d.shape)}")
+    missed2 = captured.missed2
+    if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
+        return None, None  # as the range finder's verdict: far more outside the block than the budget allows
+    small, large = d.shape
+    state = DeltaBasis(q.new_zeros(small, 0), q.new_zeros(large, 0), q.new_zeros(small, 0), q.new_zeros(small, 0))
+    empty = q.new_zeros(large, q.shape[1])
+    return _certify(original, spectrum, rtol, budget, state, q, r, empty, empty, empty, missed2, d, fro2,
+                    orthogonal=not spectrum.transposed)
 
 
 def _certify(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, budget: float, state: DeltaBasis,
@@ -511,11 +536,12 @@ class ConditionNumbers:
         return weight.numel() >= self.min_elements and weight.ndim == 2 and name not in self._full_rank
 
     def get(self, name: str, weight: torch.Tensor, original: torch.Tensor, *, delta: torch.Tensor | None = None,
-            start: torch.Tensor | None = None) -> float:
+            start: torch.Tensor | None = None, captured: CapturedDelta | None = None) -> float:
         """cond(W) of matrix `name`. `delta`: dW = W - W0 in float64 if the caller has it (restraint.delta_of);
         `start`: a basis of dW's columns from elsewhere (the restraint's captured basis), where the estimate starts
         when it has learned nothing of this matrix yet (a first look, a resumed run) and W is wide (the estimate
-        works on the smaller side)."""
+        works on the smaller side); `captured`: what the restraint found of this dW (Restraint.captured with
+        `capture`), which spares such a first look its range finder, either orientation."""
         w = weight.detach()
         if not bool(torch.isfinite(w).all()):
             raise FloatingPointError("non-finite values in the matrix: it has no condition number")
@@ -525,7 +551,8 @@ class ConditionNumbers:
             basis = self._bases.get(name)
             if basis is None and start is not None and w.shape[0] <= w.shape[1]:
                 basis = start
-            value, basis = certified_condition_number(w, original, self._spectra[name], basis=basis, delta=delta)
+            value, basis = certified_condition_number(w, original, self._spectra[name], basis=basis, delta=delta,
+                                                      captured=captured)
             if basis is None:
                 self._full_rank.add(name)  # its edits are dense (or W0 singular): no use trying again every call
                 self._bases.pop(name, None)

@@ -164,6 +164,20 @@ class Restraint(RestraintFigures):
     # What restrain_parameter wrote into W (None when it wrote nothing): telemetry's cond(W) after the restraint
     # updates its picture of dW by it (condition.condition_after_update)
     written: Update | None = None
+    # dW as the block that captured it found it (only when asked for: `capture`; None otherwise): telemetry's first
+    # cond(W) of a matrix starts from it instead of a range finder of its own
+    captured: CapturedDelta | None = None
+
+
+class CapturedDelta(NamedTuple):
+    """dW = U diag(S) V^T + E with ||E||_F^2 <= missed2 (U and V orthonormal, float64): what a block that captured a
+    low-rank dW found of it (the Ritz triplets above the miss), E including the round-off of that Frobenius bound.
+    U^T E = 0: E is what lies outside the block, and the values dropped below the miss lie in it beside U."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    missed2: float
 
 
 class Update(NamedTuple):
@@ -331,9 +345,9 @@ def _refine_top(
 def _top_triplets(
     d: torch.Tensor, threshold: float, lipschitz: float, accuracy: float, block: int, generator: torch.Generator,
     fro2: float, start: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int, torch.Tensor | None] | None:
-    """(U_k, S_k, V_k^T, s_1, block size used, captured basis or None) for the k singular values of d >=
-    threshold, certified, or None (then a dense SVD decides).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, int, torch.Tensor | None, CapturedDelta | None] | None:
+    """(U_k, S_k, V_k^T, s_1, block size used, captured basis or None, what that block found of d or None) for the
+    k singular values of d >= threshold, certified, or None (then a dense SVD decides).
 
     `start` (orthonormal columns, the previous restraint's captured basis) replaces all but _OVERSAMPLE of the
     first block's random columns: a sequence of edits adds few directions to dW between two restraints, and those
@@ -390,12 +404,16 @@ def _top_triplets(
             # The next block need only hold d's numerical rank (what it captured above the miss) and the margin.
             found = int((s > missed).sum())
             captured = min(block, found + _OVERSAMPLE)
-            basis = (q @ ub[:, :max(found, k)]).to(torch.float32)
+            keep = max(found, k)
+            left = q @ ub[:, :keep]
+            basis = left.to(torch.float32)
+            whole = CapturedDelta(left, s[:keep], vt[:keep].mT,
+                                  max(fro2 - float(s[:keep].square().sum()), 0.0) + _ROUNDOFF * fro2)
             if lipschitz * missed <= accuracy / 2:
-                return q @ ub[:, :k], s[:k], vt[:k], top, captured, basis
+                return q @ ub[:, :k], s[:k], vt[:k], top, captured, basis, whole
             refined = _refine_top(d, q @ ub[:, :k], s[:k], vt[:k], threshold, lipschitz, accuracy, missed)
             if refined is not None:
-                return (*refined, top, captured, basis)
+                return (*refined, top, captured, basis, whole)
         y = _apply_right(d, vt)  # d V = d d^T U S^-1: the residuals now, and the next subspace iterate
         ritz_u = q @ ub
         r = y - ritz_u * s
@@ -415,13 +433,13 @@ def _top_triplets(
         if max(below, rest) + res_c >= threshold:
             rest = deflated_norm_bound(d, ritz_u[:, :c], vt[:c], generator)
         if max(below, rest) + res_c < threshold:
-            return ritz_u[:, :k], s[:k], vt[:k], top, block, None
+            return ritz_u[:, :k], s[:k], vt[:k], top, block, None, None
         iterations = _MAX_ITERATIONS  # too much of d near the threshold for this block: grow it
 
 
 def _exact_update(
     d: torch.Tensor, smax_original: float, alpha: Alpha, never_enlarge: bool, accuracy: float, block: int,
-    generator: torch.Generator, fro: float, start: torch.Tensor | None,
+    generator: torch.Generator, fro: float, start: torch.Tensor | None, capture: bool,
 ) -> tuple[Update | None, Restraint]:
     lipschitz = correction_lipschitz(smax_original, alpha)
     found = _top_triplets(d, smax_original, lipschitz, accuracy, block, generator, fro * fro, start)
@@ -430,14 +448,14 @@ def _exact_update(
         path = "dense"
         u, s, vt = torch.linalg.svd(d, full_matrices=False)
         k = int((s >= smax_original).sum())
-        found = (u[:, :k], s[:k], vt[:k], float(s[0]), 0, None)
+        found = (u[:, :k], s[:k], vt[:k], float(s[0]), 0, None, None)
         del u, vt
-    u, s, vt, top, block_used, basis = found
+    u, s, vt, top, block_used, basis, whole = found
     new_s, n_restrained, n_guarded = restrain_values(s, smax_original, alpha, never_enlarge)
     figures = Restraint(
         smax_original=smax_original, smax_delta=top, delta_fro=fro, rank=len(s), n_restrained=n_restrained,
         n_guarded=n_guarded, path=path, singular_values=s, restrained_values=new_s,
-        next_rank_hint=max(block_used - _OVERSAMPLE, len(s)), next_basis=basis,
+        next_rank_hint=max(block_used - _OVERSAMPLE, len(s)), next_basis=basis, captured=whole if capture else None,
     )
     change = new_s - s
     if n_restrained == 0 or not bool((change != 0).any()):
@@ -495,6 +513,7 @@ def restrain_factors(
     start_basis: torch.Tensor | None = None,
     seed: int = 0,
     fro: float | None = None,
+    capture: bool = False,
 ) -> tuple[Update | None, Restraint]:
     """The restraint as an Update (None when nothing changes), and its figures.
 
@@ -503,7 +522,9 @@ def restrain_factors(
     error the exact rule may make on the restrained matrix (default: storage_accuracy(float32) * ||delta||_F);
     `rank_hint` is the rank found last time for this matrix, which sizes the first block; `start_basis` (the
     exact rule only) is the basis it captured then (Restraint.next_basis), from which the first block starts;
-    `fro` is ||delta||_F when the caller already has it. Raises FloatingPointError on a non-finite delta.
+    `fro` is ||delta||_F when the caller already has it; `capture` keeps what a block that captured a low-rank
+    delta found of it in Restraint.captured (exact rule; telemetry's first cond(W) starts from it). Raises
+    FloatingPointError on a non-finite delta.
     """
     rank_rule = parse_rank_rule(rank_rule)
     _check_threshold(smax_original)
@@ -523,7 +544,7 @@ def restrain_factors(
     if accuracy is None:
         accuracy = storage_accuracy(torch.float32) * fro
     block = max(rank_hint + _OVERSAMPLE, 2 * _OVERSAMPLE)
-    return _exact_update(d, smax_original, alpha, never_enlarge, accuracy, block, generator, fro, start_basis)
+    return _exact_update(d, smax_original, alpha, never_enlarge, accuracy, block, generator, fro, start_basis, capture)
 
 
 def restrain_delta(
@@ -583,6 +604,49 @@ def delta_of(weight: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
+def plan_restraint(
+    weight: torch.Tensor,
+    original: torch.Tensor,
+    smax_original: float,
+    alpha: Alpha,
+    *,
+    never_enlarge: bool = True,
+    rank_rule: RankRule = "exact",
+    rank_hint: int = 0,
+    start_basis: torch.Tensor | None = None,
+    seed: int = 0,
+    delta: tuple[torch.Tensor, float] | None = None,
+    capture: bool = False,
+) -> tuple[Update | None, Restraint]:
+    """What restrain_parameter would write into W (None when nothing changes) and its figures, W untouched.
+
+    dW is formed here (and freed on return) unless `delta` = (dW, ||W||_F^2), as delta_of(weight, original) gives
+    them, comes from a caller that has formed it already; it is only read. The accuracy asked of the exact rule is
+    storage_accuracy(W's dtype) x ||W||_F. `capture`: as restrain_factors. Raises FloatingPointError when dW has a
+    non-finite entry."""
+    d, w_norm2 = delta_of(weight, original) if delta is None else delta
+    fro = float(torch.linalg.vector_norm(d))
+    _check_finite_delta(d, fro)
+    accuracy = storage_accuracy(weight.dtype) * math.sqrt(w_norm2)
+    return restrain_factors(
+        d, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule, accuracy=accuracy,
+        rank_hint=rank_hint, start_basis=start_basis, seed=seed, fro=fro, capture=capture,
+    )
+
+
+@torch.no_grad()
+def write_update(weight: torch.Tensor, original: torch.Tensor, update: Update) -> None:
+    """W <- base + U diag(values) V^T in place (base = W or W0, as update.keeps_delta says), in row blocks of
+    about 16 MiB, each summed in float64 and written directly in W's dtype (W0 moved block by block)."""
+    m, n = weight.shape
+    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    us = update.u * update.values
+    for start in range(0, m, rows):
+        base = weight[start:start + rows] if update.keeps_delta else original[start:start + rows].to(weight.device)
+        weight[start:start + rows].copy_(torch.addmm(base.to(torch.float64), us[start:start + rows], update.vt))
+
+
+@torch.no_grad()
 def restrain_parameter(
     weight: torch.Tensor,
     original: torch.Tensor,
@@ -600,31 +664,22 @@ def restrain_parameter(
     """Restrain one weight matrix in place. Returns (figures, whether W was written).
 
     exact rule: W <- W + U_k (F(S_k) - S_k) V_k^T; official rule: W <- W0 + U_r F(S_r) V_r^T (module docstring).
-    The lean form of ``W0 + restrain_delta(W - W0)``: the only m x n float64 buffer is dW itself (freed before the
-    write-back); dW is formed and the restrained matrix written back in row blocks of about 16 MiB, directly in W's
-    dtype. W0 may live on another device than W (it is moved block by block, in its own dtype: once for the exact
-    rule, twice for the official one). `delta` is (dW, ||W||_F^2) as delta_of(weight, original) gives them, for a
-    caller that has formed dW already (telemetry's condition number before the restraint); it is only read. Raises
-    FloatingPointError, leaving W untouched, when dW has a non-finite entry.
+    The lean form of ``W0 + restrain_delta(W - W0)``: plan_restraint, then write_update. The only m x n float64
+    buffer is dW itself (freed before the write-back); dW is formed and the restrained matrix written back in row
+    blocks of about 16 MiB, directly in W's dtype. W0 may live on another device than W (it is moved block by
+    block, in its own dtype: once for the exact rule, twice for the official one). `delta` is (dW, ||W||_F^2) as
+    delta_of(weight, original) gives them, for a caller that has formed dW already (telemetry's condition number
+    before the restraint); it is only read. Raises FloatingPointError, leaving W untouched, when dW has a
+    non-finite entry.
     """
-    m, n = weight.shape
-    rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    d, w_norm2 = delta_of(weight, original) if delta is None else delta
-    fro = float(torch.linalg.vector_norm(d))
-    _check_finite_delta(d, fro)
-    accuracy = storage_accuracy(weight.dtype) * math.sqrt(w_norm2)
-    update, figures = restrain_factors(
-        d, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule, accuracy=accuracy,
-        rank_hint=rank_hint, start_basis=start_basis, seed=seed, fro=fro,
+    update, figures = plan_restraint(
+        weight, original, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule,
+        rank_hint=rank_hint, start_basis=start_basis, seed=seed, delta=delta,
     )
-    del d
     if not write or update is None:
         return figures, False
+    write_update(weight, original, update)
     figures.written = update
-    us = update.u * update.values
-    for start in range(0, m, rows):
-        base = weight[start:start + rows] if update.keeps_delta else original[start:start + rows].to(weight.device)
-        weight[start:start + rows].copy_(torch.addmm(base.to(torch.float64), us[start:start + rows], update.vt))
     return figures, True
 
 

@@ -28,7 +28,7 @@ import torch
 from .condition import ConditionNumbers
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
-from .restraint import delta_of, restrain_parameter
+from .restraint import delta_of, plan_restraint, write_update
 from .seeding import seed_everything
 from .spectrum import MatrixFigures, SmaxCache
 
@@ -200,25 +200,32 @@ class EditSession:
             if param.ndim != 2:
                 continue  # biases and norms: no spectrum to restrain
             t0 = time.perf_counter()
-            original = self.originals[name]  # may live on the CPU: restrain_parameter moves it block by block
+            original = self.originals[name]  # may live on the CPU: plan_restraint and write_update move it by blocks
             with torch.no_grad():
                 if name not in self.smax:  # once per matrix, on the weight's device; reuse that copy below
                     original = original.to(param.device)
                 smax0 = self.smax.get(name, original)
                 try:
                     delta, cond_before = None, None
-                    if self.measure_condition:
+                    if self.measure_condition and self.conditions.estimates(name, param):
                         # The estimate of cond(W) and the restraint both need dW in float64: formed once
-                        delta = delta_of(param, original) if self.conditions.estimates(name, param) else None
-                        cond_before = self.conditions.get(name, param, original, start=self.bases.get(name),
-                                                          delta=None if delta is None else delta[0])
-                    result, wrote = restrain_parameter(
+                        delta = delta_of(param, original)
+                    update, result = plan_restraint(
                         param, original, smax0, cfg.prune_alpha, never_enlarge=cfg.prune_never_enlarge,
                         rank_rule=cfg.prune_rank_rule, rank_hint=self.rank_hints.get(name, 0),
-                        start_basis=self.bases.get(name), write=write, delta=delta,
+                        start_basis=self.bases.get(name), delta=delta, capture=delta is not None,
                     )
+                    if self.measure_condition:  # of W before the restraint writes it: from the restraint's block
+                        cond_before = self.conditions.get(name, param, original, start=self.bases.get(name),
+                                                          delta=None if delta is None else delta[0],
+                                                          captured=result.captured)
                     del delta
-                except FloatingPointError:  # from either call: W is left as the edit wrote it, restorable from W0
+                    result.captured = None  # handed over: not kept with the figures
+                    wrote = write and update is not None
+                    if wrote:
+                        write_update(param, original, update)
+                        result.written = update
+                except FloatingPointError:  # from any call: W is left as the edit wrote it, restorable from W0
                     raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                              "restrained (session.restore() gives back W0)") from None
                 self.rank_hints[name] = result.next_rank_hint

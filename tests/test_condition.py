@@ -192,6 +192,9 @@ def test_telemetry_condition_numbers_through_the_session(tmp_path, monkeypatch):
     after_update = condition.condition_after_update
     monkeypatch.setattr(condition, "condition_after_update",
                         lambda *a, **k: from_factors.append(1) or after_update(*a, **k))
+    first_looks = []
+    from_captured = condition._from_captured
+    monkeypatch.setattr(condition, "_from_captured", lambda *a: first_looks.append(1) or from_captured(*a))
     g = torch.Generator().manual_seed(7)
     w0 = random_original(g, 96, 160, 8.0).float()
     edits = [low_rank_delta(g, 96, 160, 1, 40.0).float() for _ in range(3)]
@@ -219,6 +222,7 @@ def test_telemetry_condition_numbers_through_the_session(tmp_path, monkeypatch):
             assert figures[-1]["cond_after"] == pytest.approx(exact_condition(model.weight), rel=1e-3)
             assert session.conditions.estimated == 6 and session.conditions.exact == 0
             assert len(from_factors) == 3  # every 'after' from the restraint's factors, no pass over dW
+            assert len(first_looks) == 1  # the first 'before' from what the restraint's block captured
     assert torch.equal(results[True], results[False])
 
 
@@ -244,6 +248,46 @@ def test_cond_after_a_restraint_comes_from_its_factors_without_a_pass(shape, dty
     after, learned = condition.condition_after_update(w, w0, spectrum, state, figures.written)
     assert after == pytest.approx(exact_condition(w), rel=1e-3) and after < before
     assert learned.rank == state.rank and learned.missed >= state.missed * (rule == "exact")
+
+
+@pytest.mark.parametrize("shape", [(100, 220), (220, 100)], ids=["wide", "tall"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("rank", [1, 5])
+def test_a_first_look_starts_from_what_the_restraint_captured_without_a_range_finder(shape, dtype, rank,
+                                                                                     monkeypatch):
+    """The restraint's block already holds dW (Restraint.captured, asked for with `capture`): telemetry's first
+    cond(W) of the matrix takes Q and R from it, with no range finder of its own, within 1e-3 of a float64 SVD and
+    of the estimate that runs its own range finder; the restraint itself is the same with or without capture."""
+    from prune_plugin.restraint import delta_of, plan_restraint
+
+    g = torch.Generator().manual_seed(13 + rank)
+    m, n = shape
+    w0 = random_original(g, m, n, 10.0).to(dtype)
+    spectrum = gram_spectrum(w0)
+    smax0 = float(torch.linalg.svdvals(w0.double())[0])
+    w = (w0.double() + low_rank_delta(g, m, n, rank, 3 * smax0)).to(dtype)
+    delta = delta_of(w, w0)
+    update, figures = plan_restraint(w, w0, smax0, math.e, delta=delta, capture=True)
+    plain_update, plain = plan_restraint(w, w0, smax0, math.e, delta=delta)
+    assert plain.captured is None and figures.captured is not None
+    assert torch.equal(update.u, plain_update.u) and torch.equal(update.values, plain_update.values)
+    own, _ = certified_condition_number(w, w0, spectrum, delta=delta[0])
+    monkeypatch.setattr(condition, "_orthonormal_beside", lambda *a: pytest.fail("the range finder ran"))
+    first, learned = certified_condition_number(w, w0, spectrum, delta=delta[0], captured=figures.captured)
+    assert first == pytest.approx(exact_condition(w), rel=1e-3) and first == pytest.approx(own, rel=2e-3)
+    assert learned.rank >= rank and learned.updates == 1  # its products formed afresh, kept for the next edit
+
+
+def test_captured_factors_that_do_not_fit_the_matrix_are_a_clear_error():
+    from prune_plugin.restraint import CapturedDelta
+
+    g = torch.Generator().manual_seed(2)
+    w0 = random_original(g, 60, 90, 5.0)
+    w = w0 + low_rank_delta(g, 60, 90, 1, 20.0)
+    wrong = CapturedDelta(torch.zeros(90, 1, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                          torch.zeros(60, 1, dtype=torch.float64), 0.0)
+    with pytest.raises(ValueError, match="captured factors"):
+        certified_condition_number(w, w0, gram_spectrum(w0), captured=wrong)
 
 
 def test_the_lanczos_guess_of_the_largest_eigenvalue_is_a_lower_bound_within_1e_4():

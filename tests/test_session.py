@@ -144,8 +144,8 @@ def test_restrain_now_then_end_in_final_mode_restrains_once(model, monkeypatch):
     from prune_plugin import session as session_module
 
     restrained = []
-    original = session_module.restrain_parameter
-    monkeypatch.setattr(session_module, "restrain_parameter",
+    original = session_module.plan_restraint
+    monkeypatch.setattr(session_module, "plan_restraint",
                         lambda *a, **k: restrained.append(1) or original(*a, **k))
     final_mode_sequence(model, 2, explicit_restraint=True)
     assert len(restrained) == 1
