@@ -3,6 +3,7 @@ reported per edited matrix."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -222,7 +223,8 @@ def _certify_top(stored: torch.Tensor, transposed: bool, ritz: torch.Tensor, edg
     return math.sqrt(top) if math.sqrt(upper2 / top) - 1 <= rtol else None
 
 
-def chebyshev_norm_bound(times_c, probes: torch.Tensor, edge: float, degree: int, *,
+def chebyshev_norm_bound(times_c: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor, edge: float,
+                         degree: int, *,
                          alpha: float = _SMAX_ALPHA, first: torch.Tensor | None = None) -> float:
     """An upper bound on ||C|| for a symmetric positive semi-definite C (given as x -> C x) from Gaussian `probes`
     (m x r, drawn independently of C, edge and degree), holding with probability >= 1 - alpha^-r.
