@@ -131,11 +131,11 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
         products.append(_apply_right(w, z.mT))
         basis, zs, ys = torch.cat(blocks, 1), torch.cat(images, 1), torch.cat(products, 1)
         projected = (zs.mT @ zs).to(torch.float64)
+        if not bool(torch.isfinite(projected).all()):
+            return None  # float32 overflowed (smax above ~1e19) or W is not finite: the dense route decides
         theta, g = torch.linalg.eigh(0.5 * (projected + projected.mT))
         theta, g = theta.flip(0), g.flip(1)  # largest first
         top = float(theta[0])
-        if not math.isfinite(top):
-            return None  # float32 overflowed: the dense float64 route decides
         if top <= 0.0:
             return 0.0 if bool((stored == 0).all()) else None
         g32, theta32 = g.to(w.dtype), theta.to(w.dtype)

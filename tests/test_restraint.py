@@ -287,6 +287,16 @@ class TestSpectrum:
         assert spectrum._certify_top(w.mT.contiguous(), True, u[:, :1].float(), edge, 4, 1e-6, g) == \
             pytest.approx(exact, rel=1e-12)  # a tall stored W: the same products, transposed
 
+    def test_values_beyond_float32_range_leave_the_search_to_the_dense_route(self, monkeypatch):
+        """The search runs in float32: where smax^2 overflows it (entries of 1e25), it declines instead of failing,
+        and largest_singular_value still gives the float64 value."""
+        import prune_plugin.spectrum as spectrum
+
+        w = torch.randn(40, 60, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e25
+        assert spectrum.certified_largest_singular_value(w) is None
+        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
+        assert spectrum.largest_singular_value(w) == pytest.approx(torch.linalg.svdvals(w)[0].item(), rel=1e-12)
+
     def test_a_flat_top_spectrum_cannot_be_certified_and_falls_back_to_the_exact_value(self, monkeypatch):
         import prune_plugin.spectrum as spectrum
 
