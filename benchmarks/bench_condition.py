@@ -87,7 +87,7 @@ def run(args) -> dict[str, Any]:
                 # outside the timer for those rows (what telemetry adds to an edit); the first look of a session
                 # also takes what the restraint's block captured of dW (computed outside the timer too: the
                 # restraint pays for it)
-                shared = delta_of(matrix, w0)[0] if stage in (SHARED, FIRST) else None
+                shared = delta_of(matrix, w0) if stage in (SHARED, FIRST) else None
                 def start() -> None:
                     # 'before': no basis yet (a first look at this dW); 'after': the one 'before' found, and 'next
                     # before' the one 'after' found, as in a session. A dense dW is tried afresh every time (a

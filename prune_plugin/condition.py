@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .restraint import CapturedDelta, Update, _apply_right, _orthonormal_beside, _wide_svd, delta_of
+from .restraint import CapturedDelta, Delta, Update, _apply_right, _orthonormal_beside, _wide_svd, delta_of
 from .spectrum import _gram, condition_number
 
 #: Relative accuracy of the estimate; telemetry's figure needs no more.
@@ -296,9 +296,14 @@ def _afresh(state: DeltaBasis, r: torch.Tensor, values: torch.Tensor, rtol: floa
     return 2 * (state.drift + _drift_step(r, state.r, state.vx, values)) > rtol * float(values[0]) / 16
 
 
+def _not_low_rank(missed2: float, budget: float, fro2: float) -> bool:
+    """Whether far more of dW lies outside a basis than the estimate's budget allows (then the exact route)."""
+    return missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2)
+
+
 def certified_condition_number(
     weight: torch.Tensor, original: torch.Tensor, spectrum: GramSpectrum, *, rtol: float = COND_RTOL,
-    basis: DeltaBasis | torch.Tensor | None = None, seed: int = 0, delta: torch.Tensor | None = None,
+    basis: DeltaBasis | torch.Tensor | None = None, seed: int = 0, delta: Delta | None = None,
     captured: CapturedDelta | None = None,
 ) -> tuple[float | None, DeltaBasis | None]:
     """cond(W) within `rtol` relative, certified (module docstring), or None when it cannot be certified; and what
@@ -307,18 +312,18 @@ def certified_condition_number(
     this matrix (or just a basis), starts the range finder: the restrained dW lies in the edited dW's column space,
     and the next edit adds a few columns to it, so only those cost new passes; and W0 R and V0^T W0 R, the
     costliest products besides the passes over dW, are then updated by the change in R alone (its numerical
-    rank: one for a ROME edit, the restrained count for a restraint). `delta`: dW in float64 when the caller has
-    formed it already (restraint.delta_of, shared with the restraint); only read. `captured`: what the restraint's
+    rank: one for a ROME edit, the restrained count for a restraint). `delta`: restraint.delta_of(weight, original)
+    when the caller has formed it already (shared with the restraint); only read. `captured`: what the restraint's
     block found of this same dW (Restraint.captured), which replaces the range finder and the pass for R when
     `basis` is not a DeltaBasis (a first look)."""
     w = weight.detach()
     if w.shape != original.shape:
         raise ValueError(f"weight {tuple(w.shape)} and original {tuple(original.shape)} differ in shape")
-    if delta is not None and delta.shape != w.shape:
-        raise ValueError(f"delta {tuple(delta.shape)} and weight {tuple(w.shape)} differ in shape")
-    d = _oriented(delta_of(w, original.detach())[0] if delta is None else delta, spectrum.transposed)
+    if delta is not None and delta.d.shape != w.shape:
+        raise ValueError(f"delta {tuple(delta.d.shape)} and weight {tuple(w.shape)} differ in shape")
+    delta = delta_of(w, original.detach()) if delta is None else delta
+    d, fro2 = _oriented(delta.d, spectrum.transposed), delta.norm2
     small, large = d.shape
-    fro2 = float(torch.linalg.vector_norm(d)) ** 2
     if not math.isfinite(fro2):
         raise FloatingPointError("non-finite values in the matrix: it has no condition number")
     values, vectors = spectrum.values.to(w.device), spectrum.vectors.to(w.device)
@@ -357,8 +362,8 @@ def certified_condition_number(
         block *= 2
         if missed2 > 0.9 * previous:
             break  # more columns hardly help: a full-rank rest (W's rounding, or a dense edit); judged below
-    if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
-        return None, None  # far more of dW outside the basis than the budget allows: not low-rank
+    if _not_low_rank(missed2, budget, fro2):
+        return None, None
     missed2 = max(missed2, 0.0) + _ROUNDOFF * fro2
     return _certify(original, spectrum, rtol, budget, state, q, r, r_old, vq, vx, missed2, d, fro2)
 
@@ -374,8 +379,8 @@ def _from_captured(original: torch.Tensor, spectrum: GramSpectrum, rtol: float, 
     if q.shape[0] != d.shape[0] or r.shape[0] != d.shape[1]:
         raise ValueError(f"captured factors {tuple(u.shape)}, {tuple(v.shape)} do not fit dW {tuple(d.shape)}")
     missed2 = captured.missed2
-    if missed2 > max(9 * budget ** 2, 100 * _ROUNDOFF * fro2):
-        return None, None  # as the range finder's verdict: far more outside the block than the budget allows
+    if _not_low_rank(missed2, budget, fro2):
+        return None, None
     small, large = d.shape
     state = DeltaBasis(q.new_zeros(small, 0), q.new_zeros(large, 0), q.new_zeros(small, 0), q.new_zeros(small, 0))
     empty = q.new_zeros(large, q.shape[1])
@@ -535,9 +540,9 @@ class ConditionNumbers:
         """Whether get() tries the estimate for this matrix (which then needs dW: see its `delta`)."""
         return weight.numel() >= self.min_elements and weight.ndim == 2 and name not in self._full_rank
 
-    def get(self, name: str, weight: torch.Tensor, original: torch.Tensor, *, delta: torch.Tensor | None = None,
+    def get(self, name: str, weight: torch.Tensor, original: torch.Tensor, *, delta: Delta | None = None,
             start: torch.Tensor | None = None, captured: CapturedDelta | None = None) -> float:
-        """cond(W) of matrix `name`. `delta`: dW = W - W0 in float64 if the caller has it (restraint.delta_of);
+        """cond(W) of matrix `name`. `delta`: restraint.delta_of(weight, original) if the caller has it;
         `start`: a basis of dW's columns from elsewhere (the restraint's captured basis), where the estimate starts
         when it has learned nothing of this matrix yet (a first look, a resumed run) and W is wide (the estimate
         works on the smaller side); `captured`: what the restraint found of this dW (Restraint.captured with
@@ -568,7 +573,7 @@ class ConditionNumbers:
         return condition_number(w)
 
     def after_restraint(self, name: str, weight: torch.Tensor, original: torch.Tensor, update: Update | None,
-                        *, delta: torch.Tensor | None = None) -> float:
+                        *, delta: Delta | None = None) -> float:
         """cond(W) right after a restraint wrote `update` into W, when get() measured this W just before it:
         from what that estimate learned and the update's factors, with no pass over dW
         (condition_after_update); otherwise, or when that does not certify, as get()."""

@@ -585,22 +585,32 @@ def restrain_delta(
 _BLOCK_ELEMENTS = 1 << 21
 
 
+class Delta(NamedTuple):
+    """dW = W - W0 in float64 with the two norms its users need, as delta_of forms them."""
+
+    d: torch.Tensor
+    weight_norm2: float  # ||W||_F^2
+    norm2: float  # ||dW||_F^2 (inf or nan when dW has a non-finite entry)
+
+
 @torch.no_grad()
-def delta_of(weight: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(dW = W - W0 in float64 on W's device, ||W||_F^2), formed in row blocks of about 16 MiB: an op between
-    float64 and float32 tensors would first make a float64 copy of the whole of W0, block by block that copy
-    stays in cache (and W0 may sit on another device: it is moved in its own dtype)."""
+def delta_of(weight: torch.Tensor, original: torch.Tensor) -> Delta:
+    """dW = W - W0 in float64 on W's device, with ||W||_F^2 and ||dW||_F^2, formed in row blocks of about 16 MiB:
+    an op between float64 and float32 tensors would first make a float64 copy of the whole of W0, block by block
+    that copy stays in cache (and W0 may sit on another device: it is moved in its own dtype); the norms are summed
+    while each block is in cache, so no consumer needs a pass of its own over dW for them."""
     m, n = weight.shape
     rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
     w = weight.detach()
     d = torch.empty((m, n), dtype=torch.float64, device=w.device)
-    w_norm2 = 0.0
+    w_norm2 = d_norm2 = 0.0
     for start in range(0, m, rows):
         block = d[start:start + rows]
         block.copy_(w[start:start + rows])
         w_norm2 += float(torch.linalg.vector_norm(block)) ** 2
         block.sub_(original[start:start + rows].to(w.device).to(torch.float64))
-    return d, w_norm2
+        d_norm2 += float(torch.linalg.vector_norm(block)) ** 2
+    return Delta(d, w_norm2, d_norm2)
 
 
 @torch.no_grad()
@@ -615,17 +625,16 @@ def plan_restraint(
     rank_hint: int = 0,
     start_basis: torch.Tensor | None = None,
     seed: int = 0,
-    delta: tuple[torch.Tensor, float] | None = None,
+    delta: Delta | None = None,
     capture: bool = False,
 ) -> tuple[Update | None, Restraint]:
     """What restrain_parameter would write into W (None when nothing changes) and its figures, W untouched.
 
-    dW is formed here (and freed on return) unless `delta` = (dW, ||W||_F^2), as delta_of(weight, original) gives
-    them, comes from a caller that has formed it already; it is only read. The accuracy asked of the exact rule is
-    storage_accuracy(W's dtype) x ||W||_F. `capture`: as restrain_factors. Raises FloatingPointError when dW has a
-    non-finite entry."""
-    d, w_norm2 = delta_of(weight, original) if delta is None else delta
-    fro = float(torch.linalg.vector_norm(d))
+    dW is formed here (and freed on return) unless `delta`, delta_of(weight, original), comes from a caller that
+    has formed it already; it is only read. The accuracy asked of the exact rule is storage_accuracy(W's dtype) x
+    ||W||_F. `capture`: as restrain_factors. Raises FloatingPointError when dW has a non-finite entry."""
+    d, w_norm2, d_norm2 = delta_of(weight, original) if delta is None else delta
+    fro = math.sqrt(d_norm2)
     _check_finite_delta(d, fro)
     accuracy = storage_accuracy(weight.dtype) * math.sqrt(w_norm2)
     return restrain_factors(
@@ -659,7 +668,7 @@ def restrain_parameter(
     start_basis: torch.Tensor | None = None,
     seed: int = 0,
     write: bool = True,
-    delta: tuple[torch.Tensor, float] | None = None,
+    delta: Delta | None = None,
 ) -> tuple[Restraint, bool]:
     """Restrain one weight matrix in place. Returns (figures, whether W was written).
 
@@ -667,9 +676,9 @@ def restrain_parameter(
     The lean form of ``W0 + restrain_delta(W - W0)``: plan_restraint, then write_update. The only m x n float64
     buffer is dW itself (freed before the write-back); dW is formed and the restrained matrix written back in row
     blocks of about 16 MiB, directly in W's dtype. W0 may live on another device than W (it is moved block by
-    block, in its own dtype: once for the exact rule, twice for the official one). `delta` is (dW, ||W||_F^2) as
-    delta_of(weight, original) gives them, for a caller that has formed dW already (telemetry's condition number
-    before the restraint); it is only read. Raises FloatingPointError, leaving W untouched, when dW has a
+    block, in its own dtype: once for the exact rule, twice for the official one). `delta` is delta_of(weight,
+    original), for a caller that has formed dW already (telemetry's condition number before the restraint); it is
+    only read. Raises FloatingPointError, leaving W untouched, when dW has a
     non-finite entry.
     """
     update, figures = plan_restraint(

@@ -217,8 +217,7 @@ class EditSession:
                     )
                     if self.measure_condition:  # of W before the restraint writes it: from the restraint's block
                         cond_before = self.conditions.get(name, param, original, start=self.bases.get(name),
-                                                          delta=None if delta is None else delta[0],
-                                                          captured=result.captured)
+                                                          delta=delta, captured=result.captured)
                     del delta
                     result.captured = None  # handed over: not kept with the figures
                     wrote = write and update is not None

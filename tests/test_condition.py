@@ -271,9 +271,9 @@ def test_a_first_look_starts_from_what_the_restraint_captured_without_a_range_fi
     plain_update, plain = plan_restraint(w, w0, smax0, math.e, delta=delta)
     assert plain.captured is None and figures.captured is not None
     assert torch.equal(update.u, plain_update.u) and torch.equal(update.values, plain_update.values)
-    own, _ = certified_condition_number(w, w0, spectrum, delta=delta[0])
+    own, _ = certified_condition_number(w, w0, spectrum, delta=delta)
     monkeypatch.setattr(condition, "_orthonormal_beside", lambda *a: pytest.fail("the range finder ran"))
-    first, learned = certified_condition_number(w, w0, spectrum, delta=delta[0], captured=figures.captured)
+    first, learned = certified_condition_number(w, w0, spectrum, delta=delta, captured=figures.captured)
     assert first == pytest.approx(exact_condition(w), rel=1e-3) and first == pytest.approx(own, rel=2e-3)
     assert learned.rank >= rank and learned.updates == 1  # its products formed afresh, kept for the next edit
 
