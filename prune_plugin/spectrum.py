@@ -41,19 +41,21 @@ def _gram(weight: torch.Tensor) -> torch.Tensor:
 
 #: Relative accuracy of largest_singular_value's certified Krylov estimate.
 SMAX_RTOL = 1e-6
-#: Columns per block and the most blocks of the float32 Krylov space that finds the top Ritz vectors.
-_SMAX_BLOCK = 16
-_SMAX_DEPTH = 12
-#: The bound on the deflated rest: Gaussian probes and the constant of the Halko-Martinsson-Tropp lemma
-#: (||B|| <= ALPHA sqrt(2/pi) max_i ||B w_i|| fails with probability ALPHA^-PROBES: 4^-16 = 2.3e-10 per try).
+#: Most steps of the float32 Lanczos search that finds the top Ritz vectors (one vector per step: a step is two
+#: matrix-vector passes, ~10 ms each at 4096x11008 on one thread, where a 16-column block pass takes ~50 ms).
+_SMAX_DEPTH = 96
+#: The bound on the deflated rest: Gaussian probes, and the chance that the bound fails on one try (4^-16, as
+#: restraint's deflated_norm_bound).
 _SMAX_PROBES = 16
-_SMAX_ALPHA = 4.0
-#: Chebyshev degrees of that bound, fewest first (each degree costs two float64 passes), and the most tries.
-_SMAX_DEGREES = range(1, 11)
+_SMAX_FAILURE = 4.0 ** -16
+#: Chebyshev degrees (in the singular values) of that bound, fewest first. A degree is one float64 product with the
+#: probes; the first two ride along with the Ritz vectors' two passes, so degree 2 costs nothing extra.
+_SMAX_DEGREES = range(2, 21)
 _SMAX_BOUND_TRIES = 3
-#: Most float32 blocks added while converged residuals would allow a lower degree than the current plan.
-_SMAX_PATIENCE = 3
-#: Most Ritz vectors deflated (they ride along in the bound's first two passes as extra columns).
+#: Most search steps added while converged residuals would allow a lower degree than the current plan (a step
+#: costs about a quarter of what a degree costs).
+_SMAX_PATIENCE = 8
+#: Most Ritz vectors deflated (they ride along in the certificate's two passes as extra columns).
 _SMAX_MAX_DEFLATE = 24
 #: Planning does not trust a float32 Ritz residual below this fraction of theta_1 (the float32 products' own
 #: rounding); the certificate recomputes every residual in float64.
@@ -98,16 +100,20 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
     """smax(W) to `rtol` relative, certified, or None when it cannot certify that (then the dense route decides).
 
     Two stages, with W oriented wide (m <= n) and A = W W^T:
-    - search, in float32 (no claim rests on it): a block Krylov space of A, 16 columns per block, two passes per
-      block (Z = W^T Q, Y = W Z = A Q, so Q^T A Q = Z^T Z and Y the residuals), until its Ritz values and residuals
-      predict that the certificate below succeeds;
+    - search, in float32 (no claim rests on it): Lanczos on A with full reorthogonalisation, one vector per step
+      and two matrix-vector passes per step (z = W^T q, y = W z = A q; Q^T A Q = Z^T Z and Y gives the
+      residuals), until its Ritz values and residuals predict that the certificate below succeeds. One vector per
+      step rather than a block: a pass over W costs about as much for one vector as for four, and a single
+      vector's Krylov space reaches the top values in fewer passes;
     - certificate, in float64 from the stored values (_certify_top): the first c Ritz vectors, made orthonormal in
       float64, give theta_1 <= smax^2 (a Rayleigh quotient) and the residual R of A U_c; the rest C = (I - U_c
-      U_c^T) A (I - U_c U_c^T) is bounded by a Chebyshev filter of 16 Gaussian probes (fails with probability
-      2.3e-10); then smax^2 <= theta_1 + ||R||^2 / (theta_1 - ||C||) (the eigenvalue bound for a Hermitian block
-      matrix of C.-K. Li and R.-C. Li, 2005), and sqrt(theta_1) is returned once that is within rtol of it.
-    The bound is quadratic in R, so float32 Ritz vectors are accurate enough; only the certificate's 2 x degree
-    passes are float64. Memory: a float32 copy of W for other dtypes, and a few m (or n) x 16 vectors per block.
+      U_c^T) A (I - U_c U_c^T) is bounded by a Chebyshev filter of 16 Gaussian probes (chebyshev_singular_bound,
+      fails with probability 2.3e-10); then smax^2 <= theta_1 + ||R||^2 / (theta_1 - ||C||) (the eigenvalue
+      bound for a Hermitian block matrix of C.-K. Li and R.-C. Li, 2005), and sqrt(theta_1) is returned once that
+      is within rtol of it.
+    The bound is quadratic in R, so float32 Ritz vectors are accurate enough; only the certificate's passes (as many
+    as the filter's degree, at least two) are float64. Memory: a float32 copy of W for other dtypes, and three
+    vectors per search step.
     """
     stored = weight.detach()
     transposed = stored.shape[0] > stored.shape[1]  # the Krylov vectors live on the smaller side
@@ -116,74 +122,129 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
     m, n = w.shape
     if m == 0 or n == 0:
         return 0.0
-    b = min(_SMAX_BLOCK, m)
+    depth = min(_SMAX_DEPTH, m - 1)
     generator = torch.Generator(device=w.device).manual_seed(seed)
-    # W z and W^T q as short-wide times row-major products (restraint._apply_right): two to three times faster.
-    q, _ = torch.linalg.qr(_apply_right(w, torch.randn(b, n, dtype=w.dtype, device=w.device, generator=generator)))
-    blocks: list[torch.Tensor] = []
-    images: list[torch.Tensor] = []  # Z_j = W^T Q_j
-    products: list[torch.Tensor] = []  # Y_j = A Q_j
+    basis = w.new_zeros(m, depth + 1)  # Q; columns written as the search goes
+    images = w.new_zeros(n, depth + 1)  # Z = W^T Q
+    products = w.new_zeros(m, depth + 1)  # Y = A Q
+    projected = torch.zeros(depth + 1, depth + 1, dtype=torch.float64, device=w.device)  # Z^T Z, grown by a row
+    start = _apply_right(w, torch.randn(1, n, dtype=w.dtype, device=w.device, generator=generator))
+    q = start / start.norm().clamp_min(torch.finfo(w.dtype).tiny)
     tries, min_degree, waited = 0, _SMAX_DEGREES[0], 0
-    for _ in range(_SMAX_DEPTH):
-        z = (q.mT @ w).mT
-        blocks.append(q)
-        images.append(z)
-        products.append(_apply_right(w, z.mT))
-        basis, zs, ys = torch.cat(blocks, 1), torch.cat(images, 1), torch.cat(products, 1)
-        projected = (zs.mT @ zs).to(torch.float64)
-        if not bool(torch.isfinite(projected).all()):
+    for k in range(depth + 1):
+        basis[:, k:k + 1] = q
+        z = images[:, k:k + 1] = (q.mT @ w).mT
+        products[:, k:k + 1] = _apply_right(w, z.mT)
+        row = (z.mT @ images[:, :k + 1]).to(torch.float64)
+        projected[k, :k + 1], projected[:k + 1, k] = row[0], row[0]
+        h = projected[:k + 1, :k + 1]
+        if not bool(torch.isfinite(row).all()):
             return None  # float32 overflowed (smax above ~1e19) or W is not finite: the dense route decides
-        theta, g = torch.linalg.eigh(0.5 * (projected + projected.mT))
+        theta, g = torch.linalg.eigh(h)
         theta, g = theta.flip(0), g.flip(1)  # largest first
         top = float(theta[0])
         if top <= 0.0:
             return 0.0 if bool((stored == 0).all()) else None
+        q_k, y_k = basis[:, :k + 1], products[:, :k + 1]
         g32, theta32 = g.to(w.dtype), theta.to(w.dtype)
-        residuals = (ys @ g32 - basis @ (g32 * theta32)).to(torch.float64).square().sum(0).cumsum(0).sqrt()
+        residuals = (y_k @ g32 - q_k @ (g32 * theta32)).norm(dim=0).to(torch.float64)
         plan = _smax_plan(theta, residuals, m, rtol, min_degree) if tries < _SMAX_BOUND_TRIES else None
-        can_grow = basis.shape[1] + b <= m and len(blocks) < _SMAX_DEPTH
+        can_grow = k < depth
         if plan is not None and can_grow and waited < _SMAX_PATIENCE:
-            ideal = _smax_plan(theta, torch.zeros_like(residuals), m, rtol, min_degree)
+            ideal = _smax_plan(theta, residuals, m, rtol, min_degree, converged=plan[0])
             if ideal is not None and ideal[1] < plan[1]:
-                # Converged residuals would allow a lower degree: another float32 block costs less than the two
-                # float64 passes a degree costs.
+                # Converged top vectors would allow a lower degree: another float32 step costs less than the
+                # float64 product a degree costs.
                 waited, plan = waited + 1, None
         if plan is not None:
             c, degree = plan
             tries, min_degree = tries + 1, degree + 1
-            edge = max(float(theta[c]), _SMAX_FLOAT32_FLOOR * top)  # the filter needs a positive edge
-            value = _certify_top(stored, transposed, basis @ g32[:, :c], edge, degree, rtol, generator)
+            edge = _rest_top(theta, residuals, c)
+            value = _certify_top(stored, transposed, q_k @ g32[:, :c], edge, degree, rtol, generator)
             if value is not None:
                 return value
         if not can_grow:
             return None  # the space would fill the whole side (the dense route is as cheap) or is at its depth
-        q = _orthonormal_beside(products[-1], basis)
+        q = _orthonormal_beside(products[:, k:k + 1], q_k)
     return None
 
 
+def gaussian_norm_floor(probes: int, failure: float) -> float:
+    """sqrt(t) for which a chi-square variable with `probes` degrees of freedom lies below t with probability at most
+    `failure`: the length of the projection of `probes` Gaussian vectors on any fixed unit vector, ||v^T G||, is
+    below this only that rarely. From P(chi2_r <= t) <= (t/2)^(r/2) / Gamma(r/2 + 1) (the density without its
+    exp(-x/2) factor), so t = 2 (failure Gamma(r/2 + 1))^(2/r)."""
+    if not (probes >= 1 and 0.0 < failure < 1.0):
+        raise ValueError(f"gaussian_norm_floor needs probes >= 1 and 0 < failure < 1, got {probes!r}, {failure!r}")
+    half = 0.5 * probes
+    return math.sqrt(2.0 * math.exp((math.log(failure) + math.lgamma(half + 1.0)) / half))
+
+
+def chebyshev_singular_bound(times_x: Callable[[torch.Tensor], torch.Tensor],
+                             times_xt: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor, edge: float,
+                             degree: int, *, failure: float = _SMAX_FAILURE,
+                             first: tuple[torch.Tensor, ...] = ()) -> float:
+    """An upper bound on ||X|| for a matrix X (m -> n, given as x -> X x and y -> X^T y) from Gaussian `probes`
+    (m x r, drawn independently of X, edge and degree), holding with probability >= 1 - failure.
+
+    The Chebyshev filter of the singular values by the three-term recurrence v_0 = G, v_1 = X G / edge,
+    v_j = 2 X_j v_(j-1) / edge - v_(j-2) (X_j = X for odd j, X^T for even j: `degree` products in all; `first`
+    holds X v_0 and then X^T v_1 when the caller has them) gives v_degree = M G for a fixed M whose singular values
+    are |T_degree(s_i / edge)| (T_degree(0) on the rest), so ||M|| >= T_degree(||X|| / edge) once ||X|| > edge.
+    With u, v the top singular vectors of M, ||M G|| >= ||u^T M G|| = ||M|| ||v^T G||, and ||v^T G||^2 is
+    chi-square with r degrees: ||M|| <= K = ||M G|| / gaussian_norm_floor(r, failure) except with probability
+    `failure`, so ||X|| <= edge cosh(acosh(K) / degree) (edge itself when K <= 1). Any positive edge gives a
+    valid bound; one at the top of X's bulk a tight one, as the filter then damps the bulk and magnifies what lies
+    above it. Even degrees are the filter T_(degree/2)(2 X^T X / edge^2 - I) of the Gram matrix. inf when the
+    filtered probes overflow."""
+    if not (edge > 0 and degree >= 1):
+        raise ValueError(f"chebyshev_singular_bound needs edge > 0 and degree >= 1, got {edge!r}, {degree!r}")
+    previous, current = None, probes
+    for j in range(1, degree + 1):
+        image = first[j - 1] if j <= len(first) else (times_x if j % 2 else times_xt)(current)
+        previous, current = current, (image / edge if previous is None else 2.0 * image / edge - previous)
+    gram = current.mT @ current
+    k = math.sqrt(max(float(torch.linalg.eigvalsh(0.5 * (gram + gram.mT))[-1]), 0.0))
+    k /= gaussian_norm_floor(probes.shape[1], failure)
+    if not math.isfinite(k):
+        return math.inf
+    return edge * math.cosh(math.acosh(max(k, 1.0)) / degree)
+
+
 def _chebyshev_reach(degree: int, size: int) -> float:
-    """x / edge for the largest x the Chebyshev bound of _certify_top allows when every value of the rest lies
-    below `edge` (so each probe's filtered norm is at most its own, about sqrt(size))."""
-    k = _SMAX_ALPHA * math.sqrt(2 / math.pi) * (math.sqrt(size) + 3.0)
-    return 0.5 * (1.0 + math.cosh(math.acosh(k) / degree))
+    """lambda / edge for the largest lambda = ||C|| that _certify_top's bound allows when every value of the rest
+    lies below `edge` (then ||M G|| <= ||G||, about sqrt(size) + sqrt(probes)); edge and lambda in squared singular
+    values, as the plan sees them."""
+    k = (math.sqrt(size) + math.sqrt(_SMAX_PROBES) + 2.0) / gaussian_norm_floor(_SMAX_PROBES, _SMAX_FAILURE)
+    return math.cosh(math.acosh(k) / degree) ** 2
 
 
-def _smax_plan(theta: torch.Tensor, residuals: torch.Tensor, size: int, rtol: float, min_degree: int
-               ) -> tuple[int, int] | None:
-    """(c, degree) for _certify_top when the float32 Ritz values and residuals predict that it succeeds (using half
-    the accuracy budget): the fewest degrees, then the fewest deflated vectors; None while they do not (iterate
-    further). The rest's top is predicted at the (c+1)-th Ritz value, which is also the Chebyshev filter's edge."""
-    values, misses = theta.tolist(), residuals.tolist()
+def _rest_top(theta: torch.Tensor, residuals: torch.Tensor, c: int) -> float:
+    """What the search predicts for the top of the rest once c Ritz vectors are deflated: the (c+1)-th Ritz value
+    plus its residual (Ritz values rise towards the eigenvalues they converge to; one within its residual of the
+    next is where the search has not settled yet). Also the Chebyshev filter's edge, which must be positive."""
+    top = float(theta[0])
+    return max(float(theta[c]) + float(residuals[c]), _SMAX_FLOAT32_FLOOR * top)
+
+
+def _smax_plan(theta: torch.Tensor, residuals: torch.Tensor, size: int, rtol: float, min_degree: int, *,
+               converged: int = 0) -> tuple[int, int] | None:
+    """(c, degree) for _certify_top when the float32 Ritz values and each one's residual predict that it succeeds
+    (using half the accuracy budget): the fewest degrees, then the fewest deflated vectors; None while they do not
+    (iterate further). `converged`: take the first that many residuals as zero (what waiting could bring), for
+    deflating no more vectors than that."""
+    values, misses2 = theta.tolist(), residuals.square().cumsum(0).tolist()
     top = values[0]
-    floor = _SMAX_FLOAT32_FLOOR * top
+    floor2 = (_SMAX_FLOAT32_FLOOR * top) ** 2
+    most = min(len(values) - 1, _SMAX_MAX_DEFLATE, converged or _SMAX_MAX_DEFLATE)
     for degree in _SMAX_DEGREES:
         if degree < min_degree:
             continue
         reach = _chebyshev_reach(degree, size)
-        for c in range(1, min(len(values) - 1, _SMAX_MAX_DEFLATE) + 1):
-            rest = reach * max(values[c], 0.0)
-            miss = max(misses[c - 1], floor)
-            if rest < top and miss * miss / (top - rest) <= rtol * top:
+        for c in range(1, most + 1):
+            rest = reach * _rest_top(theta, residuals, c)
+            miss2 = floor2 if converged else max(misses2[c - 1], floor2)
+            if rest < top and miss2 / (top - rest) <= rtol * top:
                 return c, degree  # (1 + rtol)^2 - 1 ~ 2 rtol: the plan leaves half of it to spare
     return None
 
@@ -193,18 +254,22 @@ def _certify_top(stored: torch.Tensor, transposed: bool, ritz: torch.Tensor, edg
     """sqrt(theta_1) for the Rayleigh-Ritz values of A on the span of `ritz` (m x c, float32 Ritz vectors of the
     search), when float64 products certify it within rtol of smax(W); None otherwise.
 
-    One pair of float64 passes carries U (orthonormal `ritz`) and the probes together: W^T [U, P G] and A [U, P G],
-    P = I - U U^T. From U: Theta = eig(U^T A U) (theta_1 <= smax^2) and R = A U G_c - U G_c Theta; from G the
-    first step of chebyshev_norm_bound on C = P A P, whose further steps cost two passes each. U, edge and degree
-    are fixed before G is drawn, as that bound needs."""
+    One pair of float64 passes carries U (orthonormal `ritz`) and the probes together: W^T [U, P G] and
+    W [W^T U, W^T P G], P = I - U U^T. From U: Theta = eig(U^T A U) (theta_1 <= smax^2) and R = A U G_c - U G_c
+    Theta; from G the first two products of chebyshev_singular_bound on X = W^T P (||X||^2 = ||C||, C = P A P),
+    whose further degrees cost one pass each. U, edge and degree are fixed before G is drawn, as that bound needs.
+    `edge` is in squared singular values (the plan's theta)."""
     u, _ = torch.linalg.qr(ritz.to(torch.float64))
     c, m = u.shape[1], u.shape[0]
 
     def project(x: torch.Tensor) -> torch.Tensor:
         return x - u @ (u.mT @ x)
 
-    def times_a(x: torch.Tensor) -> torch.Tensor:  # W W^T x
-        return _times64(stored, _times64(stored, x, transpose=not transposed), transpose=transposed)
+    def times_x(x: torch.Tensor) -> torch.Tensor:  # W^T P x
+        return _times64(stored, project(x), transpose=not transposed)
+
+    def times_xt(y: torch.Tensor) -> torch.Tensor:  # P W y
+        return project(_times64(stored, y, transpose=transposed))
 
     probes = torch.randn(m, _SMAX_PROBES, dtype=torch.float64, device=u.device, generator=generator)
     z = _times64(stored, torch.cat([u, project(probes)], 1), transpose=not transposed)  # W^T [U, P G]
@@ -215,38 +280,13 @@ def _certify_top(stored: torch.Tensor, transposed: bool, ritz: torch.Tensor, edg
     if not top > 0.0:
         return None
     residual = float((y[:, :c] @ g - u @ (g * theta)).norm())
-    first = project(y[:, c:])  # C G, from the pass above
-    rest = chebyshev_norm_bound(lambda x: project(times_a(project(x))), probes, edge, degree, first=first)
+    edge_s = math.sqrt(edge)
+    first = (z[:, c:], project(y[:, c:]) / edge_s)  # X G, then X^T (X G / edge): from the passes above
+    rest = chebyshev_singular_bound(times_x, times_xt, probes, edge_s, degree, first=first) ** 2
     if not rest < top:
         return None
     upper2 = top + residual * residual / (top - rest)
     return math.sqrt(top) if math.sqrt(upper2 / top) - 1 <= rtol else None
-
-
-def chebyshev_norm_bound(times_c: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor, edge: float,
-                         degree: int, *,
-                         alpha: float = _SMAX_ALPHA, first: torch.Tensor | None = None) -> float:
-    """An upper bound on ||C|| for a symmetric positive semi-definite C (given as x -> C x) from Gaussian `probes`
-    (m x r, drawn independently of C, edge and degree), holding with probability >= 1 - alpha^-r.
-
-    B = T_degree(2 C / edge - I) (the Chebyshev polynomial, by its three-term recurrence: `degree` products with C;
-    `first` = C probes when the caller has it) has ||B|| >= |T_degree(2 lambda / edge - 1)| for lambda = ||C||, and
-    ||B|| <= K = alpha sqrt(2/pi) max_i ||B g_i|| except with probability alpha^-r (Halko, Martinsson and Tropp
-    2011, lemma 4.1, which holds for any fixed matrix). |T| <= 1 on [-1, 1] and it grows beyond, so ||C|| <= edge
-    (1 + cosh(acosh(K) / degree)) / 2 (edge itself when K <= 1). Any positive edge gives a valid bound; one at the
-    top of C's bulk a tight one, as the filter then damps the bulk and magnifies what lies above it. inf when the
-    filtered probes overflow."""
-    if not (edge > 0 and degree >= 1):
-        raise ValueError(f"chebyshev_norm_bound needs edge > 0 and degree >= 1, got {edge!r}, {degree!r}")
-    scale = 2.0 / edge
-    previous = probes
-    current = scale * (times_c(probes) if first is None else first) - probes  # T_0 and T_1
-    for _ in range(degree - 1):
-        previous, current = current, 2.0 * (scale * times_c(current) - current) - previous
-    k = alpha * math.sqrt(2 / math.pi) * float(current.norm(dim=0).max())
-    if not math.isfinite(k):
-        return math.inf
-    return 0.5 * edge * (1.0 + math.cosh(math.acosh(max(k, 1.0)) / degree))
 
 
 def largest_singular_value(weight: torch.Tensor) -> float:

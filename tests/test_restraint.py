@@ -232,41 +232,88 @@ class TestSpectrum:
         assert spectrum.largest_singular_value(w) == estimate
 
     @staticmethod
-    def _psd(values: torch.Tensor, seed: int) -> torch.Tensor:
-        q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=torch.Generator().manual_seed(seed),
-                                           dtype=torch.float64))
-        return (q * values) @ q.mT
+    def _matrix(values: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        """A len(values) x n matrix (n >= len(values)) with exactly these singular values."""
+        g = torch.Generator().manual_seed(seed)
+        left, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=g, dtype=torch.float64))
+        right, _ = torch.linalg.qr(torch.randn(n, len(values), generator=g, dtype=torch.float64))
+        return (left * values) @ right.mT
 
-    @pytest.mark.parametrize("degree", [1, 3, 6])
+    @pytest.mark.parametrize("degree", [1, 2, 5, 6])
     @pytest.mark.parametrize("edge", [0.2, 1.0, 3.0], ids=["edge below the top", "edge at the bulk", "edge above"])
-    def test_the_chebyshev_norm_bound_holds_whatever_the_edge(self, edge, degree):
-        """Outliers above a bulk in [0, 1]: every edge and degree gives an upper bound (it fails with probability
-        2.3e-10), over fresh probes and matrices."""
-        from prune_plugin.spectrum import chebyshev_norm_bound
+    @pytest.mark.parametrize("shape", ["wide", "tall"])
+    def test_the_chebyshev_singular_bound_holds_whatever_the_edge(self, edge, degree, shape):
+        """Outlying singular values above a bulk in [0, 1], odd and even degrees, X wide or tall: every edge gives
+        an upper bound on ||X|| (it fails with probability 2.3e-10), over fresh probes and matrices."""
+        from prune_plugin.spectrum import chebyshev_singular_bound
 
         for seed in range(20):
             g = torch.Generator().manual_seed(seed)
-            values = torch.cat([torch.rand(196, generator=g, dtype=torch.float64),
+            values = torch.cat([torch.rand(146, generator=g, dtype=torch.float64),
                                 torch.tensor([1.05, 1.2, 1.3, 2.0], dtype=torch.float64)[:seed % 5]])
-            c = self._psd(values, seed)
-            probes = torch.randn(len(values), 16, generator=g, dtype=torch.float64)
-            bound = chebyshev_norm_bound(lambda x: c @ x, probes, edge, degree)
+            x = self._matrix(values, 230, seed)  # maps R^230 -> R^len(values)
+            if shape == "tall":
+                x = x.mT
+            probes = torch.randn(x.shape[1], 16, generator=g, dtype=torch.float64)
+            bound = chebyshev_singular_bound(lambda v: x @ v, lambda v: x.mT @ v, probes, edge, degree)
             assert bound >= float(values.max())
 
-    @pytest.mark.parametrize("degree", [2, 4, 8])
-    def test_the_chebyshev_norm_bound_is_within_its_reach_when_the_edge_covers_the_spectrum(self, degree):
-        """With every value below the edge each filtered probe is no longer than itself, so the bound stays within
-        the reach the smax plan predicts from (spectrum._chebyshev_reach), and it tightens with the degree."""
+    @pytest.mark.parametrize("degree", [2, 5, 8])
+    def test_the_chebyshev_singular_bound_is_within_its_reach_when_the_edge_covers_the_spectrum(self, degree):
+        """With every singular value below the edge the filter lengthens no probe, so the bound stays within the
+        reach the smax plan predicts from (spectrum._chebyshev_reach, in squared values), and it tightens with the
+        degree."""
         import prune_plugin.spectrum as spectrum
 
         g = torch.Generator().manual_seed(degree)
         values = torch.rand(300, generator=g, dtype=torch.float64) * 0.9
         values[0] = 1.0
-        c = self._psd(values, degree)
-        probes = torch.randn(300, 16, generator=g, dtype=torch.float64)
-        bound = spectrum.chebyshev_norm_bound(lambda x: c @ x, probes, 1.0, degree)
-        assert 1.0 <= bound <= spectrum._chebyshev_reach(degree, 300)
-        assert spectrum._chebyshev_reach(degree + 1, 300) < spectrum._chebyshev_reach(degree, 300)
+        x = self._matrix(values, 450, degree)
+        probes = torch.randn(450, 16, generator=g, dtype=torch.float64)
+        bound = spectrum.chebyshev_singular_bound(lambda v: x @ v, lambda v: x.mT @ v, probes, 1.0, degree)
+        assert 1.0 <= bound ** 2 <= spectrum._chebyshev_reach(degree, 450)
+        assert spectrum._chebyshev_reach(degree + 1, 450) < spectrum._chebyshev_reach(degree, 450)
+
+    def test_the_chebyshev_singular_bound_can_start_from_products_the_caller_has(self):
+        """`first` (X G, then X^T X G / edge) replaces the first two products and changes nothing else."""
+        from prune_plugin.spectrum import chebyshev_singular_bound
+
+        g = torch.Generator().manual_seed(2)
+        x = self._matrix(torch.rand(60, generator=g, dtype=torch.float64) + 0.5, 90, 2)
+        probes = torch.randn(90, 16, generator=g, dtype=torch.float64)
+        calls = []
+
+        def times_x(v):
+            calls.append("X")
+            return x @ v
+
+        def times_xt(v):
+            calls.append("X^T")
+            return x.mT @ v
+
+        plain = chebyshev_singular_bound(times_x, times_xt, probes, 1.2, 5)
+        assert calls == ["X", "X^T", "X", "X^T", "X"]
+        calls.clear()
+        first = (x @ probes, x.mT @ (x @ probes) / 1.2)
+        assert chebyshev_singular_bound(times_x, times_xt, probes, 1.2, 5, first=first) == \
+            pytest.approx(plain, rel=1e-12)
+        assert calls == ["X", "X^T", "X"]
+
+    @pytest.mark.parametrize("failure", [1e-1, 1e-3, 2.3e-10])
+    def test_the_gaussian_norm_floor_is_a_chi_square_quantile_bound(self, failure):
+        """P(chi2_r <= floor^2) <= failure, checked against the closed forms for 2 and 4 degrees of freedom, and
+        not far below it (the bound drops only the density's exp(-x/2) factor)."""
+        from prune_plugin.spectrum import gaussian_norm_floor
+
+        t2 = gaussian_norm_floor(2, failure) ** 2
+        t4 = gaussian_norm_floor(4, failure) ** 2
+        cdf2 = -math.expm1(-t2 / 2)
+        cdf4 = -math.expm1(-t4 / 2) - t4 / 2 * math.exp(-t4 / 2)
+        for cdf in (cdf2, cdf4):
+            assert 0.5 * failure <= cdf <= failure * (1 + 1e-9)  # the slack: the closed forms' own rounding
+        assert gaussian_norm_floor(16, failure) > gaussian_norm_floor(8, failure) > math.sqrt(t4)
+        with pytest.raises(ValueError, match="probes >= 1"):
+            gaussian_norm_floor(0, failure)
 
     def test_the_smax_certificate_rests_on_float64_products_not_on_the_search(self):
         """_certify_top recomputes everything it claims from the stored W: exact top vectors certify; vectors a
