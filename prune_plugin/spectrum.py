@@ -51,7 +51,11 @@ _SMAX_FAILURE = 4.0 ** -16
 #: Chebyshev degrees (in the singular values) of that bound, fewest first. A degree is one float64 product with the
 #: probes; the first two ride along with the Ritz vectors' two passes, so degree 2 costs nothing extra.
 _SMAX_DEGREES = range(2, 21)
+#: Most certificate tries per call (each fails with probability at most _SMAX_FAILURE, so a call with at most
+#: 3 x 2.3e-10 = 6.9e-10), and the search steps between two tries: a try fails when the rest lies above what the
+#: plan predicted (often a near-copy of the top that one vector's Krylov space picks up only after a few steps).
 _SMAX_BOUND_TRIES = 3
+_SMAX_RETRY_STEPS = 4
 #: Most search steps added while converged residuals would allow a lower degree than the current plan (a step
 #: costs about a quarter of what a degree costs).
 _SMAX_PATIENCE = 8
@@ -108,7 +112,7 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
     - certificate, in float64 from the stored values (_certify_top): the first c Ritz vectors, made orthonormal in
       float64, give theta_1 <= smax^2 (a Rayleigh quotient) and the residual R of A U_c; the rest C = (I - U_c
       U_c^T) A (I - U_c U_c^T) is bounded by a Chebyshev filter of 16 Gaussian probes (chebyshev_singular_bound,
-      fails with probability 2.3e-10); then smax^2 <= theta_1 + ||R||^2 / (theta_1 - ||C||) (the eigenvalue
+      fails with probability 2.3e-10 a try, three tries at most); then smax^2 <= theta_1 + ||R||^2 / (theta_1 - ||C||) (the eigenvalue
       bound for a Hermitian block matrix of C.-K. Li and R.-C. Li, 2005), and sqrt(theta_1) is returned once that
       is within rtol of it.
     The bound is quadratic in R, so float32 Ritz vectors are accurate enough; only the certificate's passes (as many
@@ -129,8 +133,8 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
     products = w.new_zeros(m, depth + 1)  # Y = A Q
     projected = torch.zeros(depth + 1, depth + 1, dtype=torch.float64, device=w.device)  # Z^T Z, grown by a row
     start = _apply_right(w, torch.randn(1, n, dtype=w.dtype, device=w.device, generator=generator))
-    q = start / start.norm().clamp_min(torch.finfo(w.dtype).tiny)
-    tries, min_degree, waited = 0, _SMAX_DEGREES[0], 0
+    q = start / max(float(torch.linalg.vector_norm(start, dtype=torch.float64)), torch.finfo(w.dtype).tiny)
+    tries, min_degree, waited, next_try = 0, _SMAX_DEGREES[0], 0, 0
     for k in range(depth + 1):
         basis[:, k:k + 1] = q
         z = images[:, k:k + 1] = (q.mT @ w).mT
@@ -147,8 +151,9 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
             return 0.0 if bool((stored == 0).all()) else None
         q_k, y_k = basis[:, :k + 1], products[:, :k + 1]
         g32, theta32 = g.to(w.dtype), theta.to(w.dtype)
-        residuals = (y_k @ g32 - q_k @ (g32 * theta32)).norm(dim=0).to(torch.float64)
-        plan = _smax_plan(theta, residuals, m, rtol, min_degree) if tries < _SMAX_BOUND_TRIES else None
+        # in float64: squares of float32 residuals overflow above ~1e19 and vanish below ~1e-22
+        residuals = torch.linalg.vector_norm(y_k @ g32 - q_k @ (g32 * theta32), dim=0, dtype=torch.float64)
+        plan = _smax_plan(theta, residuals, m, rtol, min_degree) if k >= next_try else None
         can_grow = k < depth
         if plan is not None and can_grow and waited < _SMAX_PATIENCE:
             ideal = _smax_plan(theta, residuals, m, rtol, min_degree, converged=plan[0])
@@ -158,15 +163,29 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
                 waited, plan = waited + 1, None
         if plan is not None:
             c, degree = plan
-            tries, min_degree = tries + 1, degree + 1
+            tries, min_degree, next_try = tries + 1, degree + 1, k + _SMAX_RETRY_STEPS
             edge = _rest_top(theta, residuals, c)
             value = _certify_top(stored, transposed, q_k @ g32[:, :c], edge, degree, rtol, generator)
             if value is not None:
                 return value
+            if tries >= _SMAX_BOUND_TRIES:
+                return None
         if not can_grow:
             return None  # the space would fill the whole side (the dense route is as cheap) or is at its depth
-        q = _orthonormal_beside(products[:, k:k + 1], q_k)
+        q = _next_lanczos_vector(products[:, k:k + 1], q_k, generator)
     return None
+
+
+def _next_lanczos_vector(product: torch.Tensor, basis: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The part of A q outside the span of the basis, normalised; a random direction outside it when A q lies
+    inside (the Krylov space is invariant: an exactly low-rank W), so the search goes on into the rest instead of
+    filling the basis with copies of one vector."""
+    outside = product - basis @ (basis.mT @ product)
+    length = float(torch.linalg.vector_norm(outside, dtype=torch.float64))  # float32 squares over/underflow
+    if length <= 1e3 * torch.finfo(product.dtype).eps * float(torch.linalg.vector_norm(product, dtype=torch.float64)):
+        fresh = torch.randn(product.shape, dtype=product.dtype, device=product.device, generator=generator)
+        return _orthonormal_beside(fresh, basis)
+    return _orthonormal_beside(outside, basis)
 
 
 def gaussian_norm_floor(probes: int, failure: float) -> float:

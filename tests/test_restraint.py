@@ -353,6 +353,63 @@ class TestSpectrum:
         monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)  # take the Krylov route first, as large matrices do
         assert spectrum.largest_singular_value(w) == pytest.approx(2.5, rel=1e-12)
 
+    @staticmethod
+    def _spiked(m: int, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+        return w + 4 * torch.outer(torch.randn(m, generator=g, dtype=torch.float64),
+                                   torch.randn(n, generator=g, dtype=torch.float64)) / math.sqrt(m * n)
+
+    @pytest.mark.parametrize("scale", [1e-14, 1e-12, 1e12, 1e18])
+    def test_the_search_certifies_at_any_scale_float32_holds(self, scale):
+        """The search runs in float32, where squares of entries beyond about 1e19 overflow and below 1e-22
+        vanish: its norms are taken in float64, so a scaled matrix certifies as the unscaled one does (found in
+        review: the residuals overflowed and the search ran to its depth for nothing)."""
+        from prune_plugin.spectrum import certified_largest_singular_value
+
+        w = (self._spiked(200, 500, 5) * scale).float()
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        estimate = certified_largest_singular_value(w)
+        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+
+    @pytest.mark.parametrize("gap", [0.0, 1e-7, 1e-5])
+    def test_a_top_value_repeated_or_nearly_repeated_is_certified(self, gap):
+        """One vector's Krylov space picks up a second copy of the top value only through rounding, a few steps
+        late: a failed try is followed by more search steps before the next, so the copy is found (found in
+        review: three tries on consecutive steps all failed)."""
+        from prune_plugin.spectrum import certified_largest_singular_value
+
+        g = torch.Generator().manual_seed(1)
+        values = torch.cat([torch.tensor([1.0 + gap, 1.0], dtype=torch.float64),
+                            0.6 * torch.rand(298, generator=g, dtype=torch.float64)])
+        w = self._matrix(values, 800, 1).float()
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        estimate = certified_largest_singular_value(w)
+        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+
+    def test_an_invariant_krylov_space_goes_on_into_the_rest(self):
+        """W with a single non-zero entry: A q lies in the span after one step. The search goes on with a random
+        direction outside it (QR of the zero vector would repeat e_1) and certifies."""
+        from prune_plugin.spectrum import certified_largest_singular_value
+
+        w = torch.zeros(30, 50)
+        w[0, 0] = 2.5
+        assert certified_largest_singular_value(w) == pytest.approx(2.5, rel=1e-12)
+
+    def test_the_search_stops_after_its_last_failed_try(self, monkeypatch):
+        """At most three certificate tries, at least _SMAX_RETRY_STEPS search steps apart, and no search step
+        after the third has failed."""
+        import prune_plugin.spectrum as spectrum
+
+        steps, tries = [], []
+        real_next = spectrum._next_lanczos_vector
+        monkeypatch.setattr(spectrum, "_certify_top", lambda *args: tries.append(len(steps)))  # always fails
+        monkeypatch.setattr(spectrum, "_next_lanczos_vector", lambda *a: steps.append(1) or real_next(*a))
+        assert spectrum.certified_largest_singular_value(self._spiked(200, 500, 5).float()) is None
+        assert len(tries) == spectrum._SMAX_BOUND_TRIES
+        assert all(b - a >= spectrum._SMAX_RETRY_STEPS for a, b in zip(tries, tries[1:]))
+        assert len(steps) == tries[-1]
+
     def test_condition_number_is_ratio_of_extreme_singular_values(self):
         w = torch.diag(torch.tensor([10.0, 2.0, 0.5]))
         assert condition_number(w) == pytest.approx(20.0)
