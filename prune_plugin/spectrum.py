@@ -133,7 +133,16 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
     products = w.new_zeros(m, depth + 1)  # Y = A Q
     projected = torch.zeros(depth + 1, depth + 1, dtype=torch.float64, device=w.device)  # Z^T Z, grown by a row
     start = _apply_right(w, torch.randn(1, n, dtype=w.dtype, device=w.device, generator=generator))
-    q = start / max(float(torch.linalg.vector_norm(start, dtype=torch.float64)), torch.finfo(w.dtype).tiny)
+    length = float(torch.linalg.vector_norm(start, dtype=torch.float64))  # about ||W||_F for a Gaussian start
+    if not math.isfinite(length):
+        return None  # float32 overflowed (entries near 1e38) or W is not finite: the dense route decides
+    scale = 1.0
+    if length > 0.0 and not 2.0 ** -30 < length < 2.0 ** 30:
+        # Far from 1, float32 squares of the search's numbers over- or underflow: search on W times a power of
+        # two (exact; the same Ritz vectors) and scale the edge back for the certificate, which uses the stored W.
+        scale = 2.0 ** -round(math.log2(length))
+        w, start, length = w * scale, start * scale, length * scale
+    q = start / max(length, torch.finfo(w.dtype).tiny)
     tries, min_degree, waited, next_try = 0, _SMAX_DEGREES[0], 0, 0
     for k in range(depth + 1):
         basis[:, k:k + 1] = q
@@ -164,7 +173,7 @@ def certified_largest_singular_value(weight: torch.Tensor, rtol: float = SMAX_RT
         if plan is not None:
             c, degree = plan
             tries, min_degree, next_try = tries + 1, degree + 1, k + _SMAX_RETRY_STEPS
-            edge = _rest_top(theta, residuals, c)
+            edge = _rest_top(theta, residuals, c) / (scale * scale)
             value = _certify_top(stored, transposed, q_k @ g32[:, :c], edge, degree, rtol, generator)
             if value is not None:
                 return value

@@ -334,15 +334,33 @@ class TestSpectrum:
         assert spectrum._certify_top(w.mT.contiguous(), True, u[:, :1].float(), edge, 4, 1e-6, g) == \
             pytest.approx(exact, rel=1e-12)  # a tall stored W: the same products, transposed
 
-    def test_values_beyond_float32_range_leave_the_search_to_the_dense_route(self, monkeypatch):
-        """The search runs in float32: where smax^2 overflows it (entries of 1e25), it declines instead of failing,
-        and largest_singular_value still gives the float64 value."""
+    @pytest.mark.parametrize("scale", [1e-25, 1e25])
+    def test_values_far_beyond_float32_squares_are_searched_on_a_rescaled_copy(self, scale, monkeypatch):
+        """The search runs in float32, where smax^2 of entries of 1e25 overflows and of 1e-25 underflows: it
+        searches on W times a power of two (exact) and certifies from the stored values, without the dense route
+        (stop 19 declined there; a W scaled to 1e-20 went to the dense route)."""
         import prune_plugin.spectrum as spectrum
 
-        w = torch.randn(40, 60, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e25
+        w = self._spiked(40, 60, 3) * scale
+        exact = torch.linalg.svdvals(w)[0].item()
+        estimate = spectrum.certified_largest_singular_value(w)
+        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
+        monkeypatch.setattr(spectrum, "largest_singular_value_dense",
+                            lambda _: pytest.fail("the dense route ran although the estimate certified"))
+        assert spectrum.largest_singular_value(w) == estimate
+
+    def test_non_finite_or_float32_overflowing_values_leave_the_search_to_the_dense_route(self, monkeypatch):
+        """Entries beyond float32's range (1e300 stored in float64) or NaN: the search declines (None) instead of
+        failing, and largest_singular_value still gives the float64 value of the finite matrix."""
+        import prune_plugin.spectrum as spectrum
+
+        w = torch.randn(40, 60, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1e300
         assert spectrum.certified_largest_singular_value(w) is None
         monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
         assert spectrum.largest_singular_value(w) == pytest.approx(torch.linalg.svdvals(w)[0].item(), rel=1e-12)
+        w[3, 4] = float("nan")
+        assert spectrum.certified_largest_singular_value(w) is None
 
     def test_a_flat_top_spectrum_cannot_be_certified_and_falls_back_to_the_exact_value(self, monkeypatch):
         import prune_plugin.spectrum as spectrum
