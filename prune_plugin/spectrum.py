@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .restraint import RestraintFigures, _apply_right, _orthonormal_beside
+from .restraint import RestraintFigures, _apply_right, _orthonormal_beside, gaussian_norm_floor
 
 # Below this many elements a float64 singular-value pass is as cheap as anything else. Above it the Gram route is
 # 2-4x faster than svdvals at every size measured (576x1536: 60 ms against 200 ms; 2048x2048: 1.5 s against 6.7 s).
@@ -195,17 +195,6 @@ def _next_lanczos_vector(product: torch.Tensor, basis: torch.Tensor, generator: 
         fresh = torch.randn(product.shape, dtype=product.dtype, device=product.device, generator=generator)
         return _orthonormal_beside(fresh, basis)
     return _orthonormal_beside(outside, basis)
-
-
-def gaussian_norm_floor(probes: int, failure: float) -> float:
-    """sqrt(t) for which a chi-square variable with `probes` degrees of freedom lies below t with probability at most
-    `failure`: the length of the projection of `probes` Gaussian vectors on any fixed unit vector, ||v^T G||, is
-    below this only that rarely. From P(chi2_r <= t) <= (t/2)^(r/2) / Gamma(r/2 + 1) (the density without its
-    exp(-x/2) factor), so t = 2 (failure Gamma(r/2 + 1))^(2/r)."""
-    if not (probes >= 1 and 0.0 < failure < 1.0):
-        raise ValueError(f"gaussian_norm_floor needs probes >= 1 and 0 < failure < 1, got {probes!r}, {failure!r}")
-    half = 0.5 * probes
-    return math.sqrt(2.0 * math.exp((math.log(failure) + math.lgamma(half + 1.0)) / half))
 
 
 def chebyshev_singular_bound(times_x: Callable[[torch.Tensor], torch.Tensor],

@@ -299,11 +299,57 @@ class TestSpectrum:
             pytest.approx(plain, rel=1e-12)
         assert calls == ["X", "X^T", "X"]
 
+    @pytest.mark.parametrize("enough", [0.0, math.inf], ids=["every reading", "the first reading"])
+    @pytest.mark.parametrize("top", ["dominant", "flat", "zero"])
+    def test_the_deflated_norm_bound_holds_over_fresh_matrices(self, top, enough):
+        """restraint.deflated_norm_bound bounds ||(I - U U^T) d (I - V V^T)||_2 from above whichever reading it
+        stops at (q = 3 when anything is enough, else the lowest of q = 3, 6, 10), and lies within the excess its
+        docstring states for a dominant top value."""
+        from prune_plugin.restraint import deflated_norm_bound
+
+        for seed in range(6):
+            g = torch.Generator().manual_seed(seed)
+            values = torch.rand(60, generator=g, dtype=torch.float64)
+            if top == "dominant":
+                values[0] = 3.0
+            elif top == "flat":
+                values[:8] = 1.0
+            else:
+                values[:] = 0.0
+            d = self._matrix(values, 150, seed)
+            u, _, vt = torch.linalg.svd(d + 0.1 * torch.randn(60, 150, generator=g, dtype=torch.float64),
+                                        full_matrices=False)
+            u, vt = u[:, :5], vt[:5]  # deflate by directions near, not at, d's own
+            e = d - u @ (u.mT @ d)
+            e = e - (e @ vt.mT) @ vt
+            exact = float(torch.linalg.matrix_norm(e, ord=2))
+            bound = deflated_norm_bound(d, u, vt, g, enough=enough)
+            assert bound >= exact
+            if top == "dominant":
+                assert bound <= exact * (1.5 if enough == math.inf else 1.2)
+
+    def test_the_deflated_norm_bound_stops_at_the_first_reading_below_enough(self, monkeypatch):
+        """Three power steps (q = 3; two passes over d each) when the first reading is already below `enough`,
+        ten when none is."""
+        import prune_plugin.restraint as restraint
+
+        g = torch.Generator().manual_seed(0)
+        d = self._matrix(torch.rand(40, generator=g, dtype=torch.float64), 90, 0)
+        none = torch.zeros(40, 0, dtype=torch.float64), torch.zeros(0, 90, dtype=torch.float64)
+        passes = []
+        real = restraint._apply_right
+        monkeypatch.setattr(restraint, "_apply_right", lambda *a: passes.append(1) or real(*a))
+        restraint.deflated_norm_bound(d, *none, g, enough=math.inf)
+        assert len(passes) == 3
+        passes.clear()
+        restraint.deflated_norm_bound(d, *none, g, enough=0.0)
+        assert len(passes) == 10
+
     @pytest.mark.parametrize("failure", [1e-1, 1e-3, 2.3e-10])
     def test_the_gaussian_norm_floor_is_a_chi_square_quantile_bound(self, failure):
         """P(chi2_r <= floor^2) <= failure, checked against the closed forms for 2 and 4 degrees of freedom, and
         not far below it (the bound drops only the density's exp(-x/2) factor)."""
-        from prune_plugin.spectrum import gaussian_norm_floor
+        from prune_plugin.restraint import gaussian_norm_floor
 
         t2 = gaussian_norm_floor(2, failure) ** 2
         t4 = gaussian_norm_floor(4, failure) ** 2
