@@ -210,12 +210,30 @@ class TestSpectrum:
         assert estimate is not None
         assert estimate == pytest.approx(torch.linalg.svdvals(w.float().double())[0].item(), rel=1e-6)
 
+    @staticmethod
+    def _certified(w: torch.Tensor) -> float:
+        """The certified estimate of smax(w), asserted to exist and to lie within 1e-6 of float64 svdvals."""
+        from prune_plugin.spectrum import certified_largest_singular_value
+
+        exact = torch.linalg.svdvals(w.double())[0].item()
+        estimate = certified_largest_singular_value(w)
+        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+        return estimate
+
+    @staticmethod
+    def _without_the_dense_route(w: torch.Tensor, monkeypatch) -> float:
+        """largest_singular_value(w) with the Krylov route taken first and the dense one failing the test."""
+        import prune_plugin.spectrum as spectrum
+
+        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
+        monkeypatch.setattr(spectrum, "largest_singular_value_dense",
+                            lambda _: pytest.fail("the dense route ran although the estimate certified"))
+        return spectrum.largest_singular_value(w)
+
     @pytest.mark.parametrize("transposed", [False, True], ids=["wide", "tall"])
     def test_a_top_value_close_to_the_next_ones_is_certified_from_the_krylov_block(self, transposed, monkeypatch):
         """A trained down-projection's shape: four outliers (the second at 0.9 of the first) above a Gaussian bulk.
-        The block deflates all four before bounding the rest; the Gram route is never needed."""
-        import prune_plugin.spectrum as spectrum
-
+        The certificate deflates the outliers before bounding the rest; the dense route is never needed."""
         g = torch.Generator().manual_seed(11)
         m, n = 150, 400
         w = torch.randn(m, n, generator=g, dtype=torch.float64) * (5.0 / (math.sqrt(m) + math.sqrt(n)))
@@ -223,13 +241,7 @@ class TestSpectrum:
             w += strength * torch.outer(torch.randn(m, generator=g, dtype=torch.float64) / math.sqrt(m),
                                         torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n))
         w = (w.mT.contiguous() if transposed else w).float()
-        exact = torch.linalg.svdvals(w.double())[0].item()
-        estimate = spectrum.certified_largest_singular_value(w)
-        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
-        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
-        monkeypatch.setattr(spectrum, "largest_singular_value_dense",
-                            lambda _: pytest.fail("the Gram route ran although the estimate certified"))
-        assert spectrum.largest_singular_value(w) == estimate
+        assert self._without_the_dense_route(w, monkeypatch) == self._certified(w)
 
     @staticmethod
     def _matrix(values: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -385,16 +397,8 @@ class TestSpectrum:
         """The search runs in float32, where smax^2 of entries of 1e25 overflows and of 1e-25 underflows: it
         searches on W times a power of two (exact) and certifies from the stored values, without the dense route
         (stop 19 declined there; a W scaled to 1e-20 went to the dense route)."""
-        import prune_plugin.spectrum as spectrum
-
         w = self._spiked(40, 60, 3) * scale
-        exact = torch.linalg.svdvals(w)[0].item()
-        estimate = spectrum.certified_largest_singular_value(w)
-        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
-        monkeypatch.setattr(spectrum, "_KRYLOV_MIN", 10)
-        monkeypatch.setattr(spectrum, "largest_singular_value_dense",
-                            lambda _: pytest.fail("the dense route ran although the estimate certified"))
-        assert spectrum.largest_singular_value(w) == estimate
+        assert self._without_the_dense_route(w, monkeypatch) == self._certified(w)
 
     def test_non_finite_or_float32_overflowing_values_leave_the_search_to_the_dense_route(self, monkeypatch):
         """Entries beyond float32's range (1e300 stored in float64) or NaN: the search declines (None) instead of
@@ -429,27 +433,17 @@ class TestSpectrum:
         """The search runs in float32, where squares of entries beyond about 1e19 overflow and below 1e-22
         vanish: its norms are taken in float64, so a scaled matrix certifies as the unscaled one does (found in
         review: the residuals overflowed and the search ran to its depth for nothing)."""
-        from prune_plugin.spectrum import certified_largest_singular_value
-
-        w = (self._spiked(200, 500, 5) * scale).float()
-        exact = torch.linalg.svdvals(w.double())[0].item()
-        estimate = certified_largest_singular_value(w)
-        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+        self._certified((self._spiked(200, 500, 5) * scale).float())
 
     @pytest.mark.parametrize("gap", [0.0, 1e-7, 1e-5])
     def test_a_top_value_repeated_or_nearly_repeated_is_certified(self, gap):
         """One vector's Krylov space picks up a second copy of the top value only through rounding, a few steps
         late: a failed try is followed by more search steps before the next, so the copy is found (found in
         review: three tries on consecutive steps all failed)."""
-        from prune_plugin.spectrum import certified_largest_singular_value
-
         g = torch.Generator().manual_seed(1)
         values = torch.cat([torch.tensor([1.0 + gap, 1.0], dtype=torch.float64),
                             0.6 * torch.rand(298, generator=g, dtype=torch.float64)])
-        w = self._matrix(values, 800, 1).float()
-        exact = torch.linalg.svdvals(w.double())[0].item()
-        estimate = certified_largest_singular_value(w)
-        assert estimate is not None and abs(estimate - exact) <= 1e-6 * exact
+        self._certified(self._matrix(values, 800, 1).float())
 
     def test_an_invariant_krylov_space_goes_on_into_the_rest(self):
         """W with a single non-zero entry: A q lies in the span after one step. The search goes on with a random
