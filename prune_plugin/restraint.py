@@ -291,6 +291,14 @@ def gaussian_norm_floor(probes: int, failure: float) -> float:
     return math.sqrt(2.0 * math.exp((math.log(failure) + math.lgamma(half + 1.0)) / half))
 
 
+def _column_norms(x: torch.Tensor) -> torch.Tensor:
+    """Each column's 2-norm, taken after dividing by its largest entry (x.norm squares the entries: past about
+    1e154 they overflow float64, below about 1e-154 they vanish), and at least 1e-300 so a zero column divides and
+    logs safely."""
+    peak = x.abs().amax(dim=0).clamp_min(1e-300)
+    return ((x / peak).norm(dim=0) * peak).clamp_min(1e-300)
+
+
 def deflated_norm_bound(
     d: torch.Tensor, u: torch.Tensor, vt: torch.Tensor, generator: torch.Generator, enough: float = 0.0
 ) -> float:
@@ -311,11 +319,16 @@ def deflated_norm_bound(
         x = x - vt.mT @ (vt @ x)
         y = _apply_right(d, x.mT)
         y = y - u @ (u.mT @ y)
+        y_norms = _column_norms(y)  # normalised after each half-step, so no product leaves float64's range
+        log_norm += y_norms.log()
+        y = y / y_norms
         x = (y.mT @ d).mT
         x = x - vt.mT @ (vt @ x)
-        norms = x.norm(dim=0).clamp_min(1e-300)
+        norms = _column_norms(x)
         log_norm += norms.log()
         x = x / norms
+        if not bool(torch.isfinite(log_norm).all()):
+            return math.inf  # d holds inf or nan: no finite bound (the caller takes the dense route)
         if step in _NORM_POWERS:
             # (E^T E)^q G = X diag(exp(log_norm)), X = x with unit columns: its spectral norm, scaled by the largest
             scaled = x * (log_norm - log_norm.max()).exp()

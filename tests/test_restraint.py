@@ -340,6 +340,25 @@ class TestSpectrum:
             if top == "dominant":
                 assert bound <= exact * (1.5 if enough == math.inf else 1.2)
 
+    @pytest.mark.parametrize("scale", [1e-156, 1e150])
+    def test_the_deflated_norm_bound_holds_at_the_ends_of_float64(self, scale):
+        """Float64 deltas of 1e150 or 1e-156 (the public API takes them): the power iteration's products are
+        normalised after each half-step and its norms taken without squaring overflow, so the bound stays finite
+        and above ||E|| (found in review: at 1e150 eigvalsh raised on NaN; near 1e-156 the iterates fell into
+        subnormals and the bound came out low)."""
+        from prune_plugin.restraint import deflated_norm_bound
+
+        g = torch.Generator().manual_seed(3)
+        d = self._matrix(torch.rand(50, generator=g, dtype=torch.float64) + 0.5, 120, 3) * scale
+        u, _, vt = torch.linalg.svd(d, full_matrices=False)
+        u, vt = u[:, :40], vt[:40]
+        e = d - u @ (u.mT @ d)
+        e = e - (e @ vt.mT) @ vt
+        exact = float(torch.linalg.matrix_norm(e / scale, ord=2)) * scale
+        for enough in (0.0, math.inf):
+            bound = deflated_norm_bound(d, u, vt, g, enough=enough)
+            assert math.isfinite(bound) and bound >= exact
+
     def test_the_deflated_norm_bound_stops_at_the_first_reading_below_enough(self, monkeypatch):
         """Three power steps (q = 3; two passes over d each) when the first reading is already below `enough`,
         ten when none is."""
