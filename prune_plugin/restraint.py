@@ -687,6 +687,17 @@ def write_update(weight: torch.Tensor, original: torch.Tensor, update: Update) -
         weight[start:start + rows].copy_(torch.addmm(base.to(torch.float64), us[start:start + rows], update.vt))
 
 
+def write_planned(weight: torch.Tensor, original: torch.Tensor, update: Update | None, figures: Restraint,
+                  write: bool = True) -> bool:
+    """Write what plan_restraint planned into W (write_update) and record it in figures.written, unless `write` is
+    False or the plan changes nothing. Returns whether W was written."""
+    if not write or update is None:
+        return False
+    write_update(weight, original, update)
+    figures.written = update
+    return True
+
+
 @torch.no_grad()
 def restrain_parameter(
     weight: torch.Tensor,
@@ -705,7 +716,7 @@ def restrain_parameter(
     """Restrain one weight matrix in place. Returns (figures, whether W was written).
 
     exact rule: W <- W + U_k (F(S_k) - S_k) V_k^T; official rule: W <- W0 + U_r F(S_r) V_r^T (module docstring).
-    The lean form of ``W0 + restrain_delta(W - W0)``: plan_restraint, then write_update. The only m x n float64
+    The lean form of ``W0 + restrain_delta(W - W0)``: plan_restraint, then write_planned. The only m x n float64
     buffer is dW itself (freed before the write-back); dW is formed and the restrained matrix written back in row
     blocks of about 16 MiB, directly in W's dtype. W0 may live on another device than W (it is moved block by
     block, in its own dtype: once for the exact rule, twice for the official one). `delta` is delta_of(weight,
@@ -717,11 +728,7 @@ def restrain_parameter(
         weight, original, smax_original, alpha, never_enlarge=never_enlarge, rank_rule=rank_rule,
         rank_hint=rank_hint, start_basis=start_basis, seed=seed, delta=delta,
     )
-    if not write or update is None:
-        return figures, False
-    write_update(weight, original, update)
-    figures.written = update
-    return figures, True
+    return figures, write_planned(weight, original, update, figures, write)
 
 
 def restrain_dense_reference(

@@ -28,7 +28,7 @@ import torch
 from .condition import ConditionNumbers
 from .config import PruneConfig
 from .originals import OriginalWeights, fingerprint, get_parameter, snapshot
-from .restraint import delta_of, plan_restraint, write_update
+from .restraint import delta_of, plan_restraint, write_planned
 from .seeding import seed_everything
 from .spectrum import MatrixFigures, SmaxCache
 
@@ -200,7 +200,7 @@ class EditSession:
             if param.ndim != 2:
                 continue  # biases and norms: no spectrum to restrain
             t0 = time.perf_counter()
-            original = self.originals[name]  # may live on the CPU: plan_restraint and write_update move it by blocks
+            original = self.originals[name]  # may live on the CPU: plan_restraint and write_planned move it by blocks
             with torch.no_grad():
                 if name not in self.smax:  # once per matrix, on the weight's device; reuse that copy below
                     original = original.to(param.device)
@@ -220,10 +220,7 @@ class EditSession:
                                                           delta=delta, captured=result.captured)
                     del delta
                     result.captured = None  # handed over: not kept with the figures
-                    wrote = write and update is not None
-                    if wrote:
-                        write_update(param, original, update)
-                        result.written = update
+                    wrote = write_planned(param, original, update, result, write)
                 except FloatingPointError:  # from any call: W is left as the edit wrote it, restorable from W0
                     raise FloatingPointError(f"{name}: the edit left non-finite values in the weights; nothing was "
                                              "restrained (session.restore() gives back W0)") from None
